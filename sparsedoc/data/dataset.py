@@ -1,0 +1,144 @@
+"""From JSONL files to resumable, rank-sharded batches.
+
+``ResumableSampler`` is a seeded ``DistributedSampler`` that can start mid-epoch: the order of an
+epoch depends only on (seed, epoch), so a resumed run sees exactly the batches an uninterrupted
+run would have seen after the same number of steps.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from sparsedoc.config import DataCfg
+from sparsedoc.data.collate import PackCollator, PadCollator, pack_examples
+from sparsedoc.data.schema import read_jsonl, record_label
+from sparsedoc.data.tokenize import TokenizedExample, TokenizeStats, tokenize_records
+
+
+class ResumableSampler(Sampler[int]):
+    """Seeded shuffle per epoch, sharded across ranks, dropping the ragged tail so every rank
+    runs the same number of batches (ZeRO-3 collectives would hang otherwise)."""
+
+    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True):
+        self.size, self.batch_size = size, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start_batch = 0, 0
+        self.batches_per_epoch = size // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{size} training rows are fewer than one global micro-batch "
+                             f"({batch_size} x {world_size} ranks); lower train.micro_batch_size")
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def epoch_indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        used = self.batches_per_epoch * self.batch_size * self.world_size
+        return order[:used][self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        idx = self.epoch_indices()
+        yield from idx[self.start_batch * self.batch_size:]
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[TokenizedExample]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> TokenizedExample:
+        return self.rows[i]
+
+
+@dataclass
+class PreparedData:
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    label_vocab: dict[str, int]
+    stats: dict
+    manifests: list[Path]  # data manifests found beside the training files (mixtures)
+
+
+def load_records(files: list[str]) -> list[dict]:
+    records: list[dict] = []
+    for f in files:
+        records += read_jsonl(f)
+    return records
+
+
+def prepare_data(cfg: DataCfg, tokenizer, seed: int, progress: bool = False) -> PreparedData:
+    """Read, split (if asked), tokenize and optionally pack the train and eval sets."""
+    train_records = load_records(cfg.train_files)
+    if not train_records:
+        raise ValueError(f"data.train_files {cfg.train_files}: no records")
+    eval_records = load_records(cfg.eval_files) if cfg.eval_files else []
+    if not eval_records and cfg.eval_fraction > 0:
+        rng = random.Random(seed)
+        order = list(range(len(train_records)))
+        rng.shuffle(order)
+        n_eval = max(1, int(len(order) * cfg.eval_fraction))
+        eval_records = [train_records[i] for i in sorted(order[:n_eval])]
+        train_records = [train_records[i] for i in sorted(order[n_eval:])]
+    labels = sorted({lab for r in train_records + eval_records if (lab := record_label(r))})
+    label_vocab = {lab: i for i, lab in enumerate(labels)}
+    kw = dict(max_seq_len=cfg.max_seq_len, system_prompt=cfg.system_prompt,
+              mcq_with_explanation=cfg.mcq_with_explanation, progress=progress)
+    train, train_stats = tokenize_records(train_records, tokenizer, **kw)
+    evals, eval_stats = tokenize_records(eval_records, tokenizer, **kw) if eval_records else (
+        [], TokenizeStats())
+    if cfg.packing:
+        train = pack_examples(train, cfg.max_seq_len)
+    manifests = [p for f in cfg.train_files if (p := Path(f).parent / "manifest.json").is_file()]
+    stats = {"train": train_stats.as_dict(), "eval": eval_stats.as_dict(),
+             "train_rows": len(train), "labels": label_vocab,
+             "skipped_ids": {"train": train_stats.skipped_no_target,
+                             "eval": eval_stats.skipped_no_target}}
+    return PreparedData(train, evals, label_vocab, stats, manifests)
+
+
+def make_collator(cfg: DataCfg, tokenizer, label_vocab: dict[str, int]) -> PadCollator:
+    cls = PackCollator if cfg.packing else PadCollator
+    return cls(tokenizer.pad_token_id, label_vocab)
+
+
+def train_loader(rows: list[TokenizedExample], collate: PadCollator, batch_size: int, rank: int,
+                 world_size: int, seed: int, num_workers: int = 0) -> DataLoader:
+    sampler = ResumableSampler(len(rows), batch_size, rank, world_size, seed)
+    # Own generator: creating a DataLoader iterator draws a seed from it, and drawing from the
+    # global RNG instead would shift the dropout stream of a resumed run.
+    return DataLoader(ListDataset(rows), batch_size=batch_size, sampler=sampler,
+                      collate_fn=collate, num_workers=num_workers, drop_last=True,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def eval_batches(rows: list[TokenizedExample], collate: PadCollator, batch_size: int, rank: int,
+                 world_size: int, max_batches: int = 0) -> list[dict]:
+    """This rank's eval batches; every rank gets the same number of batches (padding rows carry
+    no target tokens), so collective ops inside the forward (ZeRO-3) never wait on a missing rank."""
+    if not rows:
+        return []
+    per_rank = -(-len(rows) // world_size)
+    n_batches = -(-per_rank // batch_size)
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    mine = rows[rank::world_size]
+    filler = TokenizedExample(rows[0].input_ids, [-100] * len(rows[0].input_ids), None, "<pad>")
+    mine = mine + [filler] * (n_batches * batch_size - len(mine))
+    return [collate(mine[i * batch_size:(i + 1) * batch_size]) for i in range(n_batches)]

@@ -1,0 +1,200 @@
+"""The unified record schema every converter writes and every consumer reads.
+
+Two record kinds, one JSON object per line:
+
+* chat (SFT / generation)::
+
+    {"id": str, "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
+     "meta": {"source": str, "task": str, "lang": str, "label"?: str, ...}}
+
+* multiple choice::
+
+    {"id": str, "question": str, "options": {"A": str, ...}, "answer": "B" | "ABD",
+     "explanation"?: str, "meta": {"source": str, "subject": str, "lang": str, "label"?: str, ...}}
+
+``meta.label`` (department, subject or task) is what label-supervised routing uses. For MCQ records
+``meta.label`` falls back to ``meta.subject``. Multi-answer items keep all letters, sorted
+(``"ABD"``); ``answer_set`` returns them as a set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+ROLES = ("system", "user", "assistant")
+OPTION_LETTERS = "ABCDEFGHIJ"
+
+
+class RecordError(ValueError):
+    """A record does not match the schema. The message names the file, line and field."""
+
+
+def _where(path: str | os.PathLike | None, line: int | None) -> str:
+    if path is None:
+        return "record"
+    return f"{path}:{line}" if line is not None else str(path)
+
+
+def _require(cond: bool, where: str, field_name: str, expected: str, got: Any = None) -> None:
+    if not cond:
+        got_txt = "" if got is None else f", got {got!r:.80}"
+        raise RecordError(f"{where}: field '{field_name}': expected {expected}{got_txt}")
+
+
+def _validate_meta(meta: Any, where: str, required: tuple[str, ...]) -> None:
+    _require(isinstance(meta, dict), where, "meta", "an object", type(meta).__name__)
+    for key in required:
+        _require(isinstance(meta.get(key), str) and meta[key] != "", where, f"meta.{key}",
+                 "a non-empty string", meta.get(key))
+    if "label" in meta:
+        _require(isinstance(meta["label"], str), where, "meta.label", "a string", meta["label"])
+
+
+def record_kind(record: dict) -> str:
+    """'chat' or 'mcq', decided by which fields the record carries."""
+    if "messages" in record:
+        return "chat"
+    if "options" in record:
+        return "mcq"
+    return "unknown"
+
+
+def validate_record(record: Any, where: str = "record") -> str:
+    """Check one record against the schema; return its kind ('chat' or 'mcq').
+
+    Raises:
+        RecordError: naming ``where`` and the offending field.
+    """
+    _require(isinstance(record, dict), where, "<record>", "a JSON object", type(record).__name__)
+    _require(isinstance(record.get("id"), str) and record["id"] != "", where, "id",
+             "a non-empty string", record.get("id"))
+    kind = record_kind(record)
+    if kind == "chat":
+        msgs = record["messages"]
+        _require(isinstance(msgs, list) and len(msgs) > 0, where, "messages", "a non-empty list")
+        for i, m in enumerate(msgs):
+            _require(isinstance(m, dict), where, f"messages[{i}]", "an object")
+            _require(m.get("role") in ROLES, where, f"messages[{i}].role", f"one of {ROLES}",
+                     m.get("role"))
+            _require(isinstance(m.get("content"), str), where, f"messages[{i}].content", "a string")
+        _require(any(m["role"] == "assistant" for m in msgs), where, "messages",
+                 "at least one assistant message (the training target)")
+        _validate_meta(record.get("meta"), where, ("source", "task", "lang"))
+    elif kind == "mcq":
+        _require(isinstance(record.get("question"), str) and record["question"].strip() != "",
+                 where, "question", "a non-empty string", record.get("question"))
+        opts = record["options"]
+        _require(isinstance(opts, dict) and len(opts) >= 2, where, "options",
+                 "an object with at least two options")
+        for letter, text in opts.items():
+            _require(letter in OPTION_LETTERS, where, f"options.{letter}",
+                     f"a key among {OPTION_LETTERS}")
+            _require(isinstance(text, str), where, f"options.{letter}", "a string", text)
+        ans = record.get("answer")
+        _require(isinstance(ans, str) and len(ans) >= 1, where, "answer",
+                 "one or more option letters", ans)
+        bad = [c for c in ans if c not in opts]
+        _require(not bad, where, "answer", f"letters among the options {''.join(opts)}", ans)
+        _require(list(ans) == sorted(set(ans)), where, "answer",
+                 "letters sorted and without repeats (e.g. 'ABD')", ans)
+        _validate_meta(record.get("meta"), where, ("source", "subject", "lang"))
+    else:
+        raise RecordError(f"{where}: expected a chat record (field 'messages') or an MCQ record "
+                          f"(field 'options'); got keys {sorted(record)}")
+    return kind
+
+
+def answer_set(record: dict) -> frozenset[str]:
+    """The set of correct letters of an MCQ record."""
+    return frozenset(record["answer"])
+
+
+def record_label(record: dict) -> str | None:
+    """The routing label of a record: ``meta.label``, else ``meta.subject`` (MCQ)."""
+    meta = record.get("meta", {})
+    return meta.get("label") or meta.get("subject")
+
+
+def iter_jsonl(path: str | os.PathLike, validate: bool = True) -> Iterator[dict]:
+    """Yield records of a unified JSONL file; a malformed line raises with file and line number.
+
+    Blank lines are allowed and ignored (they carry no record).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") \
+                    from None
+            if validate:
+                validate_record(record, _where(path, lineno))
+            yield record
+
+
+def read_jsonl(path: str | os.PathLike, validate: bool = True) -> list[dict]:
+    """All records of a unified JSONL file, validated; duplicate ids are an error."""
+    records = list(iter_jsonl(path, validate=validate))
+    seen: dict[str, int] = {}
+    for i, r in enumerate(records):
+        if r.get("id") in seen:
+            raise RecordError(f"{path}: duplicate id {r['id']!r} (records {seen[r['id']] + 1} and "
+                              f"{i + 1})")
+        seen[r.get("id")] = i
+    return records
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    """Write records atomically (temp file + rename), UTF-8, one JSON object a line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class SkipReport:
+    """Counts of what a converter read, wrote and skipped, with the reason for every skip."""
+
+    records_in: int = 0
+    records_out: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (where, reason)
+
+    def skip(self, where: str, reason: str) -> None:
+        self.skipped.append((where, reason))
+
+    def summary(self) -> str:
+        lines = [f"in={self.records_in} out={self.records_out} skipped={len(self.skipped)}"]
+        lines += [f"  skipped {w}: {r}" for w, r in self.skipped]
+        return "\n".join(lines)
+
+
+def mcq_to_chat(record: dict, with_explanation: bool = True) -> dict:
+    """Turn an MCQ record into an instruction record whose answer is the letter(s) (+ explanation).
+
+    Used to train on exam data; evaluation scores MCQ records directly.
+    """
+    opts = "\n".join(f"{k}. {v}" for k, v in record["options"].items())
+    zh = record["meta"].get("lang") == "zh"
+    prompt = f"{record['question']}\n{opts}\n" + ("请给出正确选项。" if zh else "Answer with the letter of the correct option.")
+    answer = (f"答案：{record['answer']}" if zh else f"Answer: {record['answer']}")
+    expl = (record.get("explanation") or "").strip()
+    if with_explanation and expl:
+        answer += ("\n解析：" if zh else "\nExplanation: ") + expl
+    meta = {"source": record["meta"]["source"], "task": "mcq", "lang": record["meta"]["lang"],
+            "label": record_label(record) or record["meta"]["subject"]}
+    return {"id": record["id"], "messages": [{"role": "user", "content": prompt},
+                                             {"role": "assistant", "content": answer}],
+            "meta": meta}

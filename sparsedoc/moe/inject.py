@@ -1,0 +1,155 @@
+"""Put LoRA-MoE layers into a model, find them again, and save/load their weights.
+
+Targets are chosen by module name: an entry ``q_proj`` matches every linear whose name ends in
+``.q_proj``; an entry ``re:<regex>`` must match the full module name. The base model is frozen.
+Adapter files hold experts and routers only (never the memory queues, which are training state).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsedoc.config import MoECfg
+from sparsedoc.moe.layer import LoRAMoELinear
+from sparsedoc.moe.router import TopKRouter
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_BLOCK_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def matches_target(name: str, targets: list[str]) -> bool:
+    for t in targets:
+        if t.startswith("re:"):
+            if re.fullmatch(t[3:], name):
+                return True
+        elif name == t or name.endswith("." + t):
+            return True
+    return False
+
+
+def block_index(name: str) -> int | None:
+    m = _BLOCK_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def inject_lora_moe(model: nn.Module, cfg: MoECfg, dispatch: str = "dense") -> list[str]:
+    """Freeze ``model`` and wrap every targeted ``nn.Linear`` in a ``LoRAMoELinear``.
+
+    Returns the wrapped module names. Raises if no module matches the targets.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and matches_target(n, cfg.target_modules)]
+    if not names:
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if isinstance(m, nn.Linear)})
+        raise ValueError(f"adapter.moe.target_modules={cfg.target_modules} matched no linear "
+                         f"layer; this model's linear names are: {linears}")
+    block_routers: dict[int, TopKRouter] = {}
+    queue = cfg.queue_size if cfg.contrastive == "expert" else 0
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base: nn.Linear = getattr(parent, child)
+        router, leader = None, True
+        block = block_index(name)
+        if cfg.router_scope == "block" and block is not None:
+            leader = block not in block_routers
+            if leader:
+                block_routers[block] = TopKRouter(base.in_features, cfg.num_experts, cfg.top_k,
+                                                  cfg.router_jitter)
+            router = block_routers[block]
+        layer = LoRAMoELinear(base, cfg.num_experts, cfg.top_k, cfg.r, cfg.alpha, cfg.dropout,
+                              router=router, router_leader=leader,
+                              router_jitter=cfg.router_jitter, shared_expert=cfg.shared_expert,
+                              dispatch=dispatch, queue_size=queue)
+        if base.weight.device.type != "meta":
+            layer.to(base.weight.device)
+        setattr(parent, child, layer)
+    try:  # ZeRO-3 fetches a leaf module's parameters at once instead of per child module
+        from deepspeed.utils import set_z3_leaf_modules
+        set_z3_leaf_modules(model, [LoRAMoELinear])
+    except ImportError:
+        pass
+    return names
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, LoRAMoELinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRAMoELinear)]
+
+
+def routing_layers(model: nn.Module) -> list[tuple[str, LoRAMoELinear]]:
+    """The layers that make a routing decision (every layer, or one leader per block)."""
+    return [(n, m) for n, m in moe_layers(model) if m.router_leader]
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Expert and router weights by module name (queues excluded), as contiguous CPU tensors."""
+    out = {}
+    for name, layer in moe_layers(model):
+        tensors = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
+        if layer.shared_A is not None:
+            tensors.update(shared_A=layer.shared_A, shared_B=layer.shared_B)
+        if layer.router_leader:
+            tensors["router.weight"] = layer.router.weight
+        for k, t in tensors.items():
+            out[f"{name}.{k}"] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_moe_adapter(model: nn.Module, out_dir: str | Path, cfg: MoECfg, base_model: str,
+                     dispatch: str) -> None:
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state_dict(model), out_dir / ADAPTER_WEIGHTS)
+    meta = {"format": "sparsedoc-lora-moe", "version": 1, "base_model": base_model,
+            "dispatch": dispatch, "moe": asdict(cfg),
+            "modules": [n for n, _ in moe_layers(model)]}
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+
+
+def load_moe_adapter(model: nn.Module, adapter_dir: str | Path) -> MoECfg:
+    """Inject LoRA-MoE layers as described by ``adapter_dir`` and load their weights exactly.
+
+    Key sets must match exactly: a missing or extra tensor is an error, never a silent skip.
+    """
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg_path, w_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: missing; not a sparsedoc LoRA-MoE adapter folder")
+    meta = json.loads(cfg_path.read_text())
+    cfg = MoECfg(**meta["moe"])
+    names = inject_lora_moe(model, cfg, dispatch=meta.get("dispatch", "dense"))
+    if names != meta["modules"]:
+        raise ValueError(f"{cfg_path}: adapter was trained on modules {meta['modules'][:3]}..., "
+                         f"this model gives {names[:3]}...")
+    try:
+        weights = load_file(w_path)
+    except Exception as e:  # safetensors raises its own error types on corrupt files
+        raise ValueError(f"{w_path}: cannot read safetensors ({e})") from None
+    expected = adapter_state_dict(model)
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{w_path}: key mismatch; missing {missing[:5]}, unexpected {extra[:5]}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in weights.items():
+            target = params[k]
+            if target.shape != v.shape:
+                raise ValueError(f"{w_path}: {k} has shape {tuple(v.shape)}, model expects "
+                                 f"{tuple(target.shape)}")
+            target.copy_(v.to(target.dtype))
+    return cfg

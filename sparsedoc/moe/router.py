@@ -1,0 +1,66 @@
+"""Top-k token router for the LoRA experts.
+
+Gates are a softmax over experts, restricted to the top k and renormalised over them (Mixtral).
+With k=1 renormalising would make every gate 1 and starve the router of gradient, so top-1 uses
+the raw softmax probability of the chosen expert as its gate (Switch Transformer).
+Router maths runs in fp32 whatever the model dtype: small logit differences decide the top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RouterOutput:
+    """One routing decision for T tokens (flattened batch x sequence)."""
+
+    logits: torch.Tensor  # (T, E) fp32
+    probs: torch.Tensor  # (T, E) fp32 softmax
+    top_idx: torch.Tensor  # (T, k) chosen experts
+    top_gates: torch.Tensor  # (T, k) fp32 mixing weights
+    batch_shape: tuple[int, ...]  # leading shape of the layer input, e.g. (B, S)
+
+    def dense_gates(self) -> torch.Tensor:
+        """(T, E) gates with zeros for experts not chosen."""
+        return torch.zeros_like(self.probs).scatter(1, self.top_idx, self.top_gates)
+
+    def sequence_repr(self, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, E) mean routing probability per sequence over its real tokens: the routing
+        representation the label-supervised contrast compares."""
+        probs = self.probs.view(*self.batch_shape, -1)  # (B, S, E)
+        if probs.dim() == 2:  # (S, E) without a batch dim
+            probs = probs.unsqueeze(0)
+        if attention_mask is None:
+            return probs.mean(dim=1)
+        m = attention_mask.to(probs.dtype).unsqueeze(-1)  # (B, S, 1)
+        return (probs * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class TopKRouter(nn.Module):
+    """Linear gate ``in_features -> num_experts`` followed by top-k selection."""
+
+    def __init__(self, in_features: int, num_experts: int, top_k: int, jitter: float = 0.0):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+        self.num_experts, self.top_k, self.jitter = num_experts, top_k, jitter
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features))
+        # Small random init: distinct experts from step 0, near-uniform probabilities.
+        nn.init.normal_(self.weight, std=in_features ** -0.5 * 0.1)
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """x: (..., in_features) -> routing of the flattened tokens."""
+        batch_shape = tuple(x.shape[:-1])
+        h = x.reshape(-1, x.shape[-1]).float()  # (T, in)
+        if self.training and self.jitter > 0:
+            h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = F.linear(h, self.weight.float())  # (T, E)
+        probs = logits.softmax(dim=-1)
+        top_p, top_idx = probs.topk(self.top_k, dim=-1)  # (T, k)
+        gates = top_p if self.top_k == 1 else top_p / top_p.sum(-1, keepdim=True)
+        return RouterOutput(logits, probs, top_idx, gates, batch_shape)

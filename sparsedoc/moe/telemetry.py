@@ -1,0 +1,112 @@
+"""Routing telemetry: expert load per decoder layer, entropy, busiest-expert share, collapse
+warnings, and the layer x expert load heatmap saved with each checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("sparsedoc")
+
+
+class RoutingStats:
+    """Accumulates token-to-expert assignment counts per routing layer between log steps."""
+
+    def __init__(self, layer_names: list[str], num_experts: int, block_of: list[int | None],
+                 collapse_threshold: float, collapse_patience: int):
+        self.layer_names, self.E = layer_names, num_experts
+        self.block_of = block_of
+        self.threshold, self.patience = collapse_threshold, collapse_patience
+        self.counts = torch.zeros(len(layer_names), num_experts, dtype=torch.float64)
+        self.entropy_sum = torch.zeros(len(layer_names), dtype=torch.float64)
+        self.tokens = torch.zeros(len(layer_names), dtype=torch.float64)
+        self.since_checkpoint = torch.zeros_like(self.counts)
+        self.collapsed_for = 0
+
+    def add(self, i: int, top_idx: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor) -> None:
+        m = mask.reshape(-1).bool()
+        idx = top_idx[m]
+        self.counts[i] += torch.bincount(idx.reshape(-1), minlength=self.E).double().cpu()
+        p = probs.detach()[m].float()
+        ent = -(p * p.clamp_min(1e-12).log()).sum(-1)
+        self.entropy_sum[i] += float(ent.sum())
+        self.tokens[i] += float(m.sum())
+
+    def flush(self, reduce) -> dict[str, float]:
+        """Metrics for the window since the last flush; ``reduce`` sums lists across ranks."""
+        flat = self.counts.flatten().tolist() + self.entropy_sum.tolist() + self.tokens.tolist()
+        flat = reduce(flat)
+        L, E = self.counts.shape
+        counts = torch.tensor(flat[: L * E], dtype=torch.float64).view(L, E)
+        entropy = torch.tensor(flat[L * E: L * E + L], dtype=torch.float64)
+        tokens = torch.tensor(flat[L * E + L:], dtype=torch.float64)
+        self.since_checkpoint += counts
+        self.counts.zero_()
+        self.entropy_sum.zero_()
+        self.tokens.zero_()
+        if tokens.sum() == 0:
+            return {}
+        load = counts / counts.sum(1, keepdim=True).clamp_min(1)  # (L, E) share per layer
+        busiest = load.max(1).values  # (L,)
+        metrics = {"moe/routing_entropy": float((entropy / tokens.clamp_min(1)).mean()),
+                   "moe/busiest_expert_share": float(busiest.max()),
+                   "moe/busiest_expert_share_mean": float(busiest.mean()),
+                   "moe/dropped_token_frac": 0.0}  # no capacity limit: no token is ever dropped
+        for b, row in self.block_load(load).items():
+            for e, v in enumerate(row.tolist()):
+                metrics[f"moe/load/layer{b:02d}/expert{e}"] = v
+        collapsed = float(busiest.max()) > self.threshold
+        self.collapsed_for = self.collapsed_for + 1 if collapsed else 0
+        metrics["moe/collapse"] = float(self.collapsed_for >= self.patience)
+        if self.collapsed_for == self.patience:
+            worst = int(busiest.argmax())
+            log.warning("expert collapse: in %s one expert has taken %.0f%% of tokens for %d "
+                        "logged steps (threshold %.0f%%); consider a larger balance_weight or "
+                        "router_jitter", self.layer_names[worst], 100 * float(busiest[worst]),
+                        self.patience, 100 * self.threshold)
+        return metrics
+
+    def block_load(self, load: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Average the per-module load into one row per decoder block (modules without a block
+        index get their own negative row ids)."""
+        rows: dict[int, list[torch.Tensor]] = {}
+        for i, b in enumerate(self.block_of):
+            rows.setdefault(b if b is not None else -1 - i, []).append(load[i])
+        return {b: torch.stack(v).mean(0) for b, v in sorted(rows.items())}
+
+    def heatmap(self, path: Path, title: str) -> Path | None:
+        """PNG of the expert load share (blocks x experts) since the last checkpoint."""
+        counts = self.since_checkpoint
+        if counts.sum() == 0:
+            return None
+        load = counts / counts.sum(1, keepdim=True).clamp_min(1)
+        rows = self.block_load(load)
+        grid = torch.stack(list(rows.values())).numpy()
+        self.since_checkpoint.zero_()
+        return plot_load_heatmap(grid, [str(b) for b in rows], path, title)
+
+
+def plot_load_heatmap(grid, row_labels: list[str], path: Path, title: str,
+                      xlabel: str = "expert", ylabel: str = "decoder layer") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = grid.shape
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * cols, 1.0 + 0.28 * rows))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(grid.max()), 1e-6))
+    ax.set_xticks(range(cols))
+    ax.set_yticks(range(rows))
+    ax.set_yticklabels(row_labels, fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="share of token assignments")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

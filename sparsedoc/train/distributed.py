@@ -1,0 +1,171 @@
+"""Process-group set-up and the DeepSpeed JSON, filled from our config.
+
+Works the same under the ``deepspeed`` launcher (which sets RANK/WORLD_SIZE/MASTER_* and passes
+``--local_rank``) and as a plain ``python recipes/...`` single process. CPUs use gloo, GPUs NCCL.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sparsedoc.config import Config, ConfigError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Initialise torch.distributed once; return ``(rank, local_rank, world_size)``."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python recipe.py`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed JSON: our config is the single source of truth for batch sizes, precision,
+# optimizer and schedule. "auto" means "fill from the sparsedoc config"; an explicit value that
+# disagrees with the config is an error, and no "auto" may survive.
+
+_SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
+
+
+def _check_or_fill(node: dict, key: str, value: Any, where: str) -> None:
+    current = node.get(key, "auto")
+    if current == "auto":
+        node[key] = value
+    elif current != value:
+        raise ConfigError(f"{where}.{key} is {current!r} but the sparsedoc config gives {value!r}; "
+                          f"set it to \"auto\" (filled from the config) or change the config")
+
+
+def _find_auto(node: Any, path: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _find_auto(v, f"{path}.{k}" if path else k)]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _find_auto(v, f"{path}[{i}]")]
+    return [path] if node == "auto" else []
+
+
+def build_ds_config(template: dict | str | Path, cfg: Config, world_size: int,
+                    dtype: torch.dtype) -> dict:
+    """Fill a DeepSpeed config template from ``cfg``; reject unresolved or conflicting values."""
+    src = str(template) if not isinstance(template, dict) else "ds_config"
+    if not isinstance(template, dict):
+        path = Path(template)
+        if not path.is_file():
+            raise FileNotFoundError(f"DeepSpeed config not found: {path}")
+        try:
+            template = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    ds = copy.deepcopy(template)
+    t = cfg.train
+    _check_or_fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, src)
+    _check_or_fill(ds, "gradient_accumulation_steps", t.grad_accum, src)
+    _check_or_fill(ds, "train_batch_size", t.micro_batch_size * t.grad_accum * world_size, src)
+    _check_or_fill(ds, "gradient_clipping", t.max_grad_norm, src)
+    for name, want in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        section = ds.setdefault(name, {"enabled": "auto"})
+        _check_or_fill(section, "enabled", want, f"{src}.{name}")
+    if ds.get("fp16", {}).get("enabled"):
+        ds["fp16"].setdefault("loss_scale", 0)  # dynamic loss scaling
+
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    _check_or_fill(params, "lr", t.lr, f"{src}.optimizer.params")
+    _check_or_fill(params, "weight_decay", t.weight_decay, f"{src}.optimizer.params")
+    params.setdefault("betas", [0.9, 0.999])
+    params.setdefault("eps", 1e-8)
+    zero = ds.get("zero_optimization", {})
+    offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    if not torch.cuda.is_available() and not offload:
+        params.setdefault("torch_adam", True)  # FusedAdam is CUDA-only; plain torch AdamW on CPU
+
+    sched = ds.setdefault("scheduler", {"type": "auto", "params": {}})
+    _check_or_fill(sched, "type", _SCHEDULERS[t.lr_schedule], f"{src}.scheduler")
+    sp = sched.setdefault("params", {})
+    warmup = min(t.warmup_steps, t.max_steps)
+    if sched["type"] == "WarmupLR":
+        fills = {"warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": warmup,
+                 "warmup_type": "linear"}
+    elif sched["type"] == "WarmupDecayLR":
+        fills = {"warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": warmup,
+                 "total_num_steps": t.max_steps, "warmup_type": "linear"}
+    else:  # WarmupCosineLR expresses lr as ratios of the optimizer's lr
+        fills = {"warmup_min_ratio": 0.0, "cos_min_ratio": 0.1, "warmup_num_steps": warmup,
+                 "total_num_steps": t.max_steps, "warmup_type": "linear"}
+    for k, v in fills.items():
+        _check_or_fill(sp, k, v, f"{src}.scheduler.params")
+
+    stage = zero.get("stage", 0)
+    if stage == 3:
+        for k in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                  "reduce_bucket_size"):
+            if zero.get(k) == "auto":
+                zero[k] = int(5e7) if k != "stage3_param_persistence_threshold" else int(1e5)
+    for k in ("reduce_bucket_size", "allgather_bucket_size"):
+        if zero.get(k) == "auto":
+            zero[k] = int(5e8)
+    ds.setdefault("steps_per_print", 10**9)  # our logger reports; keep DeepSpeed quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    leftover = _find_auto(ds)
+    if leftover:
+        raise ConfigError(f"{src}: unresolved \"auto\" at {', '.join(leftover)}; sparsedoc fills "
+                          f"batch size, accumulation, precision, optimizer and scheduler values "
+                          f"only; set these explicitly")
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a same-shaped tensor from every rank along dim 0, in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)

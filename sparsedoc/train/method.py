@@ -1,0 +1,66 @@
+"""What differs between training methods, in one small interface the shared loop calls.
+
+A method builds its adapter on the base model, turns a batch into a loss (plus metrics), may act
+after each optimizer step (the MoE enqueues into its memory queue there), and writes its
+adapter-only weights. Everything else — data, DeepSpeed, logging, checkpoints — is the loop's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsedoc.config import Config
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys the HF model takes. Packed rows (with ``position_ids``) drop the padding mask so
+    transformers builds a block-diagonal mask from the restarting positions."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if "position_ids" in inputs:
+        inputs.pop("attention_mask", None)
+    return inputs
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; ZeRO-3 partitioned params report their full size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+class Method:
+    """Base class: full-model defaults that the adapter methods override."""
+
+    name = "base"
+    exclude_frozen_in_checkpoint = True  # the frozen base is reloaded from its source on resume
+
+    def build(self, model: nn.Module, cfg: Config) -> nn.Module:
+        raise NotImplementedError
+
+    def compute_loss(self, engine, batch: dict[str, torch.Tensor], step: int
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+        out = engine(**model_inputs(batch))
+        return out.loss, {}
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Called on every rank after each optimizer step, under no_grad."""
+
+    def step_metrics(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Extra metrics for the logging step (rank 0 logs them)."""
+        return {}
+
+    def write_adapter(self, model: nn.Module, out_dir: Path) -> None:
+        """Write adapter-only weights on rank 0; parameters are already gathered (ZeRO-3)."""
+
+    def on_checkpoint(self, model: nn.Module, ckpt_dir: Path, step: int) -> dict[str, str]:
+        """Rank-0 extras saved into a checkpoint (plots, telemetry); returns images to log as
+        ``{metric key: file name inside the checkpoint}``."""
+        return {}

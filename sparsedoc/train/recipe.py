@@ -1,0 +1,43 @@
+"""Command line of every training recipe: ``--config`` YAML, ``--ds`` JSON, ``key=value`` overrides.
+
+The ``deepspeed`` launcher appends ``--local_rank N``; it is accepted and ignored (the rank comes
+from the environment the launcher sets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sparsedoc.config import Config, ConfigError, load_config
+from sparsedoc.train.method import Method
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def parse_args(argv: list[str] | None, default_config: str, method_name: str
+               ) -> tuple[Config, str]:
+    p = argparse.ArgumentParser(
+        description=f"Train with method '{method_name}'. Extra arguments are config overrides, "
+                    "e.g. train.max_steps=200 adapter.moe.num_experts=8")
+    p.add_argument("--config", default=default_config, help="YAML run config (default: %(default)s)")
+    p.add_argument("--ds", default=str(RECIPES_DIR.parent / "ds_configs" / "zero2.json"),
+                   help="DeepSpeed JSON template; 'auto' values are filled from the config")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides + [f"adapter.method={method_name}"])
+    return cfg, args.ds
+
+
+def run_recipe(method: Method, default_config: str, argv: list[str] | None = None):
+    """Parse the command line and train; config errors exit with the message, not a traceback."""
+    from sparsedoc.train.loop import train
+
+    try:
+        cfg, ds = parse_args(argv, default_config, method.name)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return train(cfg, method, ds)
