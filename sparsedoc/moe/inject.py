@@ -74,11 +74,13 @@ def inject_lora_moe(model: nn.Module, cfg: MoECfg, dispatch: str = "dense") -> l
         if base.weight.device.type != "meta":
             layer.to(base.weight.device)
         setattr(parent, child, layer)
-    try:  # ZeRO-3 fetches a leaf module's parameters at once instead of per child module
-        from deepspeed.utils import set_z3_leaf_modules
-        set_z3_leaf_modules(model, [LoRAMoELinear])
-    except ImportError:
-        pass
+    # No ZeRO-3 leaf registration is needed, and it would be wrong here. Leaf modules exist
+    # for MoE blocks whose experts are separate modules called only when they get tokens:
+    # ranks that route differently then all-gather different parameters and hang. Our experts
+    # are one stacked parameter per layer, and every rank calls every module in every forward
+    # whatever the routing, so the gather sequence is identical on all ranks. Registering the
+    # layer as a leaf also removes the router's own backward hook, and the router's gradient
+    # from the auxiliary losses then meets released (empty) parameters.
     return names
 
 

@@ -127,9 +127,7 @@ class LoRAMoELinear(nn.Module):
 
     def _route(self, h: torch.Tensor, batch_shape: tuple[int, ...]) -> RouterOutput:
         if self.router_leader:
-            routing = self.router(h)
-            routing.batch_shape = batch_shape
-            return routing
+            return self.router.route(h.view(*batch_shape, -1))
         leader = self._shared_router
         routing = getattr(leader, "latest", None)
         if routing is None or routing.probs.shape[0] != h.shape[0]:

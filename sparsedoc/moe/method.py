@@ -36,6 +36,19 @@ def queue_bytes(model: nn.Module) -> int:
     return sum(m.nbytes for m in model.modules() if isinstance(m, MemoryQueue))
 
 
+def queues_in_sync(model: nn.Module) -> bool:
+    """Whether every data-parallel rank holds the same memory queues (collective call)."""
+    digest = torch.zeros(1, dtype=torch.float64)
+    for i, q in enumerate(m for m in model.modules() if isinstance(m, MemoryQueue)):
+        w = torch.arange(1, q.vectors[0].numel() + 1, dtype=torch.float64)
+        for g in range(q.groups):  # position-weighted, so order matters, not just content
+            digest += (q.vectors[g].double().cpu().flatten() * w).sum() * (i + g + 1)
+        digest += q.ptr.double().cpu().sum() * 7 + q.count.double().cpu().sum() * 13
+        digest += q.labels.double().cpu().sum()
+    everyone = all_gather_cat(digest)
+    return bool((everyone == everyone[0]).all())
+
+
 def resolve_dispatch(name: str) -> str:
     # "auto" is the measured winner (recipes/benchmark.py, docs/method.md): dense.
     return "dense" if name == "auto" else name
@@ -164,6 +177,7 @@ class MoEMethod(Method):
     def step_metrics(self, model: nn.Module, step: int) -> dict[str, float]:
         metrics = self.stats.flush(all_reduce_sum)
         metrics["moe/queue_mib"] = queue_bytes(model) / 2**20
+        metrics["moe/queue_ranks_in_sync"] = float(queues_in_sync(model))
         return metrics
 
     def write_adapter(self, model: nn.Module, out_dir: Path) -> None:

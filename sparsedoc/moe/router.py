@@ -53,9 +53,14 @@ class TopKRouter(nn.Module):
         # Small random init: distinct experts from step 0, near-uniform probabilities.
         nn.init.normal_(self.weight, std=in_features ** -0.5 * 0.1)
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
+    def route(self, x: torch.Tensor) -> RouterOutput:
         """x: (..., in_features) -> routing of the flattened tokens."""
-        batch_shape = tuple(x.shape[:-1])
+        return RouterOutput(*self(x), batch_shape=tuple(x.shape[:-1]))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Plain tensors out (logits, probs, top_idx, gates): ZeRO-3 hooks the backward of a
+        module through the tensors it returns, so a dataclass here would leave the router's
+        weight un-gathered when its gradient is computed."""
         h = x.reshape(-1, x.shape[-1]).float()  # (T, in)
         if self.training and self.jitter > 0:
             h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
@@ -63,4 +68,4 @@ class TopKRouter(nn.Module):
         probs = logits.softmax(dim=-1)
         top_p, top_idx = probs.topk(self.top_k, dim=-1)  # (T, k)
         gates = top_p if self.top_k == 1 else top_p / top_p.sum(-1, keepdim=True)
-        return RouterOutput(logits, probs, top_idx, gates, batch_shape)
+        return logits, probs, top_idx, gates

@@ -1,0 +1,141 @@
+"""LoRAMoELinear against a slow per-token reference, and its invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparsedoc.moe.layer import LoRAMoELinear
+
+
+def reference_forward(layer: LoRAMoELinear, x: torch.Tensor) -> torch.Tensor:
+    """Obviously-correct, token by token: y_t = W x_t + s * sum_{e in topk} g_e B_e A_e x_t."""
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    router_w = layer.router.weight
+    rows = []
+    for x_t in x.reshape(-1, x.shape[-1]):
+        y = W @ x_t + (b if b is not None else 0)
+        p = torch.softmax(router_w.float() @ x_t.float(), dim=-1)
+        top_p, top_e = torch.topk(p, layer.top_k)
+        gates = top_p if layer.top_k == 1 else top_p / top_p.sum()
+        for g, e in zip(gates, top_e):
+            y = y + layer.scaling * g * (layer.lora_B[e] @ (layer.lora_A[e] @ x_t))
+        if layer.shared_A is not None:
+            y = y + layer.scaling * (layer.shared_B @ (layer.shared_A @ x_t))
+        rows.append(y)
+    return torch.stack(rows).view(*x.shape[:-1], -1)
+
+
+def make_layer(E, k, r, d_in=12, d_out=10, shared=False, dispatch="dense", bias=True, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(d_in, d_out, bias=bias)
+    layer = LoRAMoELinear(base, E, k, r, alpha=2.0 * r, dropout=0.0, shared_expert=shared,
+                          dispatch=dispatch)
+    with torch.no_grad():  # non-zero B so the experts matter; distinct router logits
+        layer.lora_B.normal_(std=0.5)
+        layer.router.weight.normal_(std=1.0)
+        if shared:
+            layer.shared_B.normal_(std=0.5)
+    return layer
+
+
+def grads(layer, out):
+    params = [layer.lora_A, layer.lora_B, layer.router.weight]
+    if layer.shared_A is not None:
+        params += [layer.shared_A, layer.shared_B]
+    return torch.autograd.grad(out.square().sum(), params)
+
+
+CASES = [(1, 1, 2, (5, 12)), (4, 1, 4, (2, 3, 12)), (4, 2, 8, (2, 7, 12)), (8, 3, 2, (3, 4, 12)),
+         (6, 6, 4, (1, 9, 12))]
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "grouped"])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("E,k,r,shape", CASES)
+def test_matches_per_token_reference(E, k, r, shape, shared, dispatch):
+    layer = make_layer(E, k, r, shared=shared, dispatch=dispatch)
+    x = torch.randn(*shape)
+    out = layer(x)
+    ref = reference_forward(layer, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads(layer, out), grads(layer, reference_forward(layer, x))):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_and_grouped_agree_with_input_gradients():
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    outs = []
+    for dispatch in ("dense", "grouped"):
+        layer = make_layer(6, 2, 4, dispatch=dispatch)
+        out = layer(x)
+        (gx,) = torch.autograd.grad(out.sum(), x)
+        outs.append((out.detach(), gx))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_padding_rows_do_not_change_real_tokens():
+    """No capacity limit and no cross-token mixing: appended padding leaves real outputs as they are."""
+    layer = make_layer(4, 2, 4)
+    x = torch.randn(2, 5, 12)
+    padded = torch.cat([x, torch.zeros(2, 3, 12)], dim=1)
+    torch.testing.assert_close(layer(padded)[:, :5], layer(x), rtol=0, atol=1e-6)
+
+
+def test_zero_B_gives_base_output_exactly():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    layer = LoRAMoELinear(base, 4, 2, 4, alpha=8, dropout=0.0, shared_expert=True)
+    x = torch.randn(3, 6, 12)
+    assert torch.equal(layer(x), base(x))
+
+
+def test_one_expert_top1_equals_plain_peft_lora():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 10))
+    lora = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
+                                          lora_dropout=0.0))
+    peft_layer = lora.base_model.model[0]
+    with torch.no_grad():
+        peft_layer.lora_B["default"].weight.normal_()
+    moe = LoRAMoELinear(nn.Linear(12, 10), 1, 1, 4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        moe.base_layer.load_state_dict(peft_layer.base_layer.state_dict())
+        moe.lora_A[0].copy_(peft_layer.lora_A["default"].weight)
+        moe.lora_B[0].copy_(peft_layer.lora_B["default"].weight)
+    x = torch.randn(4, 7, 12)
+    torch.testing.assert_close(moe(x), lora(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_router_gets_gradient_including_top1(k):
+    layer = make_layer(4, k, 4)
+    out = layer(torch.randn(2, 5, 12))
+    out.square().sum().backward()
+    assert layer.router.weight.grad is not None
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_frozen_base_is_wrapped_not_copied():
+    base = nn.Linear(12, 10)
+    layer = LoRAMoELinear(base, 2, 1, 2, alpha=4)
+    assert layer.base_layer is base
+    assert not base.weight.requires_grad
+    assert {n for n, p in layer.named_parameters() if p.requires_grad} == {
+        "lora_A", "lora_B", "router.weight"}
+
+
+def test_delta_weight_reproduces_single_expert_output():
+    layer = make_layer(3, 1, 4)
+    x = torch.randn(6, 12)
+    routing = layer.router.route(x)
+    out = layer(x)
+    for t in range(6):
+        e = int(routing.top_idx[t, 0])
+        g = routing.top_gates[t, 0]
+        expect = layer.base_layer(x[t]) + g * (layer.delta_weight(e) @ x[t])
+        torch.testing.assert_close(out[t], expect, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,204 @@
+"""LoRA-MoE inside a real (tiny) Llama: injection, training-step invariants, queues, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sparsedoc.config import Config, MoECfg, load_config
+from sparsedoc.data.collate import PadCollator
+from sparsedoc.data.dataset import prepare_data
+from sparsedoc.models.load import load_tokenizer
+from sparsedoc.moe.inject import (inject_lora_moe, load_moe_adapter, moe_layers, routing_layers,
+                                  save_moe_adapter)
+from sparsedoc.moe.layer import LoRAMoELinear
+from sparsedoc.moe.method import MoEMethod, label_queue, queues_in_sync
+
+
+class PlainEngine:
+    """What the method needs of a DeepSpeed engine, without DeepSpeed: call and .module."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, **kw):
+        return self.module(**kw)
+
+
+def load_tiny(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def moe_config(tiny_model_dir, toy_data, **moe) -> Config:
+    train, evals = toy_data
+    overrides = [f"model.name_or_path={tiny_model_dir}", f"data.train_files=[{train}]",
+                 f"data.eval_files=[{evals}]", "adapter.moe.dropout=0.0"]
+    overrides += [f"adapter.moe.{k}={v}" for k, v in moe.items()]
+    return load_config(None, overrides)
+
+
+def a_batch(cfg, tiny_model_dir, n=4):
+    tok = load_tokenizer(str(tiny_model_dir))
+    data = prepare_data(cfg.data, tok, seed=0)
+    return PadCollator(tok.pad_token_id, data.label_vocab)(data.train[:n])
+
+
+def built(cfg, tiny_model_dir):
+    method = MoEMethod()
+    model = method.build(load_tiny(tiny_model_dir), cfg)
+    model.train()
+    return method, model
+
+
+def test_injection_targets_freezing_and_param_count(tiny_model_dir):
+    model = load_tiny(tiny_model_dir)
+    names = inject_lora_moe(model, MoECfg(num_experts=4, top_k=2, r=8,
+                                          target_modules=["q_proj", "re:.*mlp\\.down_proj"]))
+    assert names == ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
+                     "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(any(k in n for k in ("lora_A", "lora_B", "router")) for n in trainable)
+    # q_proj 64->64, down_proj 128->64: E*r*(in+out) + router E*in each, two blocks
+    expect = 2 * (4 * 8 * (64 + 64) + 4 * 64 + 4 * 8 * (128 + 64) + 4 * 128)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expect
+
+
+def test_no_target_match_names_the_model_linears(tiny_model_dir):
+    with pytest.raises(ValueError, match="q_proj"):
+        inject_lora_moe(load_tiny(tiny_model_dir), MoECfg(target_modules=["query"]))
+
+
+def test_fresh_moe_model_equals_base_model(tiny_model_dir):
+    base = load_tiny(tiny_model_dir)
+    model = load_tiny(tiny_model_dir)
+    inject_lora_moe(model, MoECfg())
+    ids = torch.randint(0, 1000, (2, 9))
+    assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("contrastive", ["label", "expert", "none"])
+def test_step_changes_only_experts_and_routers(tiny_model_dir, toy_data, contrastive):
+    cfg = moe_config(tiny_model_dir, toy_data, contrastive=contrastive, top_k=1)
+    method, model = built(cfg, tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = a_batch(cfg, tiny_model_dir)
+    for step in range(2):  # second step has a non-empty queue for the contrast
+        loss, metrics = method.compute_loss(PlainEngine(model), batch, step)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        method.after_optimizer_step(model, step + 1)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "nothing trained"
+    assert all(("lora_" in n) or (".router." in n) for n in changed), changed
+    assert any(".router." in n for n in changed), "top-1 router received no update"
+    if contrastive != "none":
+        assert metrics["moe/contrastive_anchors"] > 0
+        assert metrics["moe/contrastive_loss"] > 0
+
+
+def test_label_queue_fills_with_labelled_sequences(tiny_model_dir, toy_data):
+    cfg = moe_config(tiny_model_dir, toy_data, contrastive="label", queue_size=6)
+    method, model = built(cfg, tiny_model_dir)
+    batch = a_batch(cfg, tiny_model_dir, n=4)
+    queue = label_queue(model)
+    assert queue.vectors.shape == (1, 6, len(routing_layers(model)) * 4)
+    for step in range(2):
+        method.compute_loss(PlainEngine(model), batch, step)
+        method.after_optimizer_step(model, step + 1)
+    vecs, labels = queue.get(0)
+    assert len(vecs) == 6  # 8 labelled sequences went in, the ring keeps the newest 6
+    assert sorted(set(labels.tolist())) == sorted(set(batch["seq_label_ids"].tolist()))
+    assert torch.allclose(vecs.norm(dim=-1), torch.ones(6))
+    assert queues_in_sync(model)  # single process: trivially, but the collective runs
+
+
+def test_expert_queue_gets_only_activated_experts(tiny_model_dir, toy_data):
+    cfg = moe_config(tiny_model_dir, toy_data, contrastive="expert", queue_size=16,
+                     contrastive_tokens=5, top_k=1)
+    method, model = built(cfg, tiny_model_dir)
+    batch = a_batch(cfg, tiny_model_dir)
+    method.compute_loss(PlainEngine(model), batch, 0)
+    layer = moe_layers(model)[0][1]
+    routed = set(layer.last_routing.top_idx[layer.contrast_index].reshape(-1).tolist())
+    method.after_optimizer_step(model, 1)
+    filled = {e for e in range(layer.num_experts) if int(layer.queue.count[e]) > 0}
+    assert filled == routed
+    assert sum(int(c) for c in layer.queue.count) == 5  # 5 sampled tokens x top-1
+
+
+def test_router_gradient_with_gradient_checkpointing(tiny_model_dir, toy_data):
+    cfg = moe_config(tiny_model_dir, toy_data, top_k=1)
+    method, model = built(cfg, tiny_model_dir)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss, _ = method.compute_loss(PlainEngine(model), a_batch(cfg, tiny_model_dir), 0)
+    loss.backward()
+    for name, layer in routing_layers(model):
+        assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0, name
+
+
+def test_block_router_is_shared_and_decided_once(tiny_model_dir):
+    model = load_tiny(tiny_model_dir)
+    inject_lora_moe(model, MoECfg(router_scope="block", num_experts=4, top_k=2))
+    leaders = routing_layers(model)
+    assert [n for n, _ in leaders] == ["model.layers.0.self_attn.q_proj",
+                                       "model.layers.1.self_attn.q_proj"]
+    routers = [n for n, _ in model.named_parameters() if "router" in n]
+    assert len(routers) == 2
+    model(input_ids=torch.randint(0, 1000, (2, 5)))
+    block0 = [m for n, m in moe_layers(model) if ".layers.0." in n]
+    assert all(m.last_routing is block0[0].last_routing for m in block0)
+
+
+def test_adapter_save_load_round_trip_gives_equal_logits(tiny_model_dir, toy_data, tmp_path):
+    cfg = moe_config(tiny_model_dir, toy_data, shared_expert=True)
+    method, model = built(cfg, tiny_model_dir)
+    with torch.no_grad():
+        for _, layer in moe_layers(model):
+            layer.lora_B.normal_(std=0.05)
+            layer.shared_B.normal_(std=0.05)
+    model.eval()
+    method.write_adapter(model, tmp_path / "adapter")
+    fresh = load_tiny(tiny_model_dir)
+    load_moe_adapter(fresh, tmp_path / "adapter")
+    fresh.eval()
+    ids = torch.randint(0, 1000, (2, 11))
+    torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits,
+                               rtol=0, atol=1e-6)
+    assert not any("queue" in k for k in
+                   __import__("safetensors.torch").torch.load_file(
+                       tmp_path / "adapter" / "adapter_model.safetensors"))
+
+
+def test_adapter_load_rejects_corrupt_or_mismatched(tiny_model_dir, toy_data, tmp_path):
+    cfg = moe_config(tiny_model_dir, toy_data)
+    method, model = built(cfg, tiny_model_dir)
+    method.write_adapter(model, tmp_path / "a")
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read safetensors"):
+        load_moe_adapter(load_tiny(tiny_model_dir), tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_moe_adapter(load_tiny(tiny_model_dir), tmp_path / "missing")
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "grouped"])
+def test_experts_without_tokens_still_get_a_gradient(dispatch):
+    """Stacked experts: an expert that received no token has zero (not missing) gradient rows,
+    so it takes part in the data-parallel gradient reduction like every other parameter."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    layer = LoRAMoELinear(nn.Linear(8, 8), 4, 1, 2, alpha=4, dispatch=dispatch)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[2, 0] = 10.0  # every token with x[0] > 0 goes to expert 2
+        layer.lora_B.normal_()
+    x = torch.randn(6, 8).abs()
+    layer(x).sum().backward()
+    used = set(layer.last_routing.top_idx.reshape(-1).tolist())
+    assert used == {2}
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+    for e in range(4):
+        assert (layer.lora_B.grad[e].abs().sum() > 0) == (e in used)
