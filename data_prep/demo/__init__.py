@@ -1,0 +1,1 @@
+"""The project's own small bilingual demo dataset (facts.py -> build.py -> train/eval JSONL)."""
