@@ -78,7 +78,7 @@ class MoECfg:
     temperature: float = 0.1
     queue_size: int = 256  # vectors per expert (expert) or in total (label)
     contrastive_tokens: int = 64  # tokens sampled per step for the expert-output contrast
-    collapse_threshold: float = 0.9  # busiest-expert share that counts as collapse
+    collapse_threshold: float = 0.9  # share of tokens sent to one expert that counts as collapse
     collapse_patience: int = 20  # consecutive logged steps above the threshold before warning
 
     def __post_init__(self) -> None:
@@ -121,7 +121,8 @@ class DataCfg:
     eval_files: list[str] = field(default_factory=lambda: ["data_prep/demo/eval.jsonl"])
     eval_fraction: float = 0.0  # carve a seeded held-out split from train when eval_files is empty
     max_seq_len: int = 512
-    packing: bool = False  # concatenate records into full rows (exact with flash-attn 2 only)
+    packing: bool = False  # concatenate records into full rows (block-diagonal attention)
+    group_by_length: bool = True  # batch records of similar length: less padding, same epochs
     system_prompt: str = ""  # prepended as a system message when a record has none
     mcq_with_explanation: bool = True  # MCQ records train as "Answer: X" + explanation
     num_workers: int = 0
@@ -167,14 +168,14 @@ class TrainCfg:
 
 @dataclass
 class LoggingCfg:
-    """Where metrics go. Raw record text is never logged unless ``log_samples`` is set."""
+    """Where metrics go: rank 0's ``metrics.jsonl`` always, W&B when ``wandb`` is on. Only
+    numbers and plots are logged, never record text (medical data)."""
 
     wandb: bool = True
     project: str = "sparsedoc"
     run_name: str = ""
     tags: list[str] = field(default_factory=list)
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: WANDB_MODE or offline
-    log_samples: bool = False
 
 
 @dataclass

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from sparsedoc.config import Config, MoECfg, load_config
 from sparsedoc.data.collate import PadCollator
 from sparsedoc.data.dataset import prepare_data
-from sparsedoc.models.load import load_tokenizer
+from sparsedoc.models.load import enable_activation_checkpointing, load_tokenizer
 from sparsedoc.moe.inject import (inject_lora_moe, load_moe_adapter, moe_layers, routing_layers,
                                   save_moe_adapter)
 from sparsedoc.moe.layer import LoRAMoELinear
@@ -132,7 +132,8 @@ def test_expert_queue_gets_only_activated_experts(tiny_model_dir, toy_data):
 def test_router_gradient_with_gradient_checkpointing(tiny_model_dir, toy_data):
     cfg = moe_config(tiny_model_dir, toy_data, top_k=1)
     method, model = built(cfg, tiny_model_dir)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
+    assert model.is_gradient_checkpointing
     loss, _ = method.compute_loss(PlainEngine(model), a_batch(cfg, tiny_model_dir), 0)
     loss.backward()
     for name, layer in routing_layers(model):

@@ -26,8 +26,9 @@ class ResumableSampler(Sampler[int]):
     runs the same number of batches (ZeRO-3 collectives would hang otherwise)."""
 
     def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True):
+                 seed: int = 0, shuffle: bool = True, lengths: list[int] | None = None):
         self.size, self.batch_size = size, batch_size
+        self.lengths = lengths  # given: batch rows of similar length (less padding)
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.epoch, self.start_batch = 0, 0
@@ -45,8 +46,25 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
-        used = self.batches_per_epoch * self.batch_size * self.world_size
-        return order[:used][self.rank::self.world_size]
+        global_bs = self.batch_size * self.world_size
+        used = self.batches_per_epoch * global_bs
+        order = order[:used]
+        if self.lengths is not None:
+            order = self._group_by_length(order, global_bs, g if self.shuffle else None)
+        # consecutive global batches; rank r takes every world_size-th row of each
+        return order[self.rank::self.world_size]
+
+    def _group_by_length(self, order: list[int], global_bs: int, g) -> list[int]:
+        """Sort within windows of 16 global batches by length, cut into global batches, and
+        shuffle the batch order: rows of a batch have similar lengths, epochs stay random."""
+        window = global_bs * 16
+        flat: list[int] = []
+        for i in range(0, len(order), window):
+            flat += sorted(order[i:i + window], key=lambda j: -self.lengths[j])
+        batches = [flat[i:i + global_bs] for i in range(0, len(flat), global_bs)]
+        perm = torch.randperm(len(batches), generator=g).tolist() if g is not None else \
+            range(len(batches))
+        return [j for b in perm for j in batches[b]]
 
     def __iter__(self) -> Iterator[int]:
         idx = self.epoch_indices()
@@ -119,8 +137,10 @@ def make_collator(cfg: DataCfg, tokenizer, label_vocab: dict[str, int]) -> PadCo
 
 
 def train_loader(rows: list[TokenizedExample], collate: PadCollator, batch_size: int, rank: int,
-                 world_size: int, seed: int, num_workers: int = 0) -> DataLoader:
-    sampler = ResumableSampler(len(rows), batch_size, rank, world_size, seed)
+                 world_size: int, seed: int, num_workers: int = 0,
+                 group_by_length: bool = True) -> DataLoader:
+    lengths = [len(r.input_ids) for r in rows] if group_by_length else None
+    sampler = ResumableSampler(len(rows), batch_size, rank, world_size, seed, lengths=lengths)
     # Own generator: creating a DataLoader iterator draws a seed from it, and drawing from the
     # global RNG instead would shift the dropout stream of a resumed run.
     return DataLoader(ListDataset(rows), batch_size=batch_size, sampler=sampler,

@@ -115,6 +115,16 @@ def resolve_attn_implementation(name: str) -> str:
     return "sdpa"
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute activations in backward (non-reentrant: frozen inputs need no grad hack)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

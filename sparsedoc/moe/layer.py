@@ -31,13 +31,14 @@ from sparsedoc.moe.router import RouterOutput, TopKRouter
 
 def dense_dispatch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: RouterOutput
                    ) -> torch.Tensor:
-    """x: (T, in), A: (E, r, in), B: (E, out, r) -> (T, out)."""
-    xa = torch.einsum("ti,eri->ter", x, A)  # (T, E, r)
+    """x: (T, in), A: (E, r, in), B: (E, out, r) -> (T, out). Two matmuls for all experts."""
+    E, r, d_in = A.shape
+    T = x.shape[0]
+    xa = x @ A.reshape(E * r, d_in).t()  # (T, E*r): every expert's down-projection at once
     gates = routing.dense_gates().to(xa.dtype)  # (T, E), zeros off the top-k
-    xa = xa * gates.unsqueeze(-1)
-    E, out, r = B.shape
-    # (T, E*r) @ (E*r, out): one matmul over all experts at once
-    return xa.reshape(xa.shape[0], E * r) @ B.permute(0, 2, 1).reshape(E * r, out)
+    xa = (xa.view(T, E, r) * gates.unsqueeze(-1)).view(T, E * r)
+    # (T, E*r) @ (E*r, out): the gated up-projections summed over experts in one matmul
+    return xa @ B.permute(0, 2, 1).reshape(E * r, B.shape[1])
 
 
 def grouped_dispatch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: RouterOutput
@@ -49,7 +50,7 @@ def grouped_dispatch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing:
     flat_gate = routing.top_gates.reshape(-1).to(x.dtype)
     order = flat_expert.argsort(stable=True)
     counts = torch.bincount(flat_expert, minlength=A.shape[0]).tolist()  # CPU sync, E ints
-    out = x.new_zeros(T, B.shape[1])
+    out = x.new_zeros(T, B.shape[1])  # accumulated in place: one (T, out) buffer, not E
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
@@ -58,7 +59,7 @@ def grouped_dispatch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing:
         start += n
         tok = flat_token[sel]
         h = (x[tok] @ A[e].t()) @ B[e].t()  # (n, out)
-        out = out.index_add(0, tok, h * flat_gate[sel].unsqueeze(-1))
+        out.index_add_(0, tok, h * flat_gate[sel].unsqueeze(-1))
     return out
 
 

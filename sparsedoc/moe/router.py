@@ -30,15 +30,18 @@ class RouterOutput:
         return torch.zeros_like(self.probs).scatter(1, self.top_idx, self.top_gates)
 
     def sequence_repr(self, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, E) mean routing probability per sequence over its real tokens: the routing
-        representation the label-supervised contrast compares."""
+        """(B, E) mean routing probability per sequence over its real tokens, minus the uniform
+        1/E: the routing representation the label-supervised contrast compares. Centring
+        matters: raw probability vectors all point near (1/E, ..., 1/E), so their cosine
+        similarities would all be about 1 and the contrast could not tell sequences apart."""
         probs = self.probs.view(*self.batch_shape, -1)  # (B, S, E)
         if probs.dim() == 2:  # (S, E) without a batch dim
             probs = probs.unsqueeze(0)
+        uniform = 1.0 / probs.shape[-1]
         if attention_mask is None:
-            return probs.mean(dim=1)
+            return probs.mean(dim=1) - uniform
         m = attention_mask.to(probs.dtype).unsqueeze(-1)  # (B, S, 1)
-        return (probs * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return (probs * m).sum(1) / m.sum(1).clamp_min(1.0) - uniform
 
 
 class TopKRouter(nn.Module):
@@ -50,8 +53,10 @@ class TopKRouter(nn.Module):
             raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
         self.num_experts, self.top_k, self.jitter = num_experts, top_k, jitter
         self.weight = nn.Parameter(torch.empty(num_experts, in_features))
-        # Small random init: distinct experts from step 0, near-uniform probabilities.
-        nn.init.normal_(self.weight, std=in_features ** -0.5 * 0.1)
+        # std 1/sqrt(in): logits of order one, so tokens spread over experts from step 0. A much
+        # smaller init leaves the probabilities uniform and lets the top-k follow whatever
+        # direction all hidden states share, sending every token of a layer to the same experts.
+        nn.init.normal_(self.weight, std=in_features ** -0.5)
 
     def route(self, x: torch.Tensor) -> RouterOutput:
         """x: (..., in_features) -> routing of the flattened tokens."""

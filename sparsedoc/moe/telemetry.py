@@ -48,8 +48,10 @@ class RoutingStats:
         self.tokens.zero_()
         if tokens.sum() == 0:
             return {}
-        load = counts / counts.sum(1, keepdim=True).clamp_min(1)  # (L, E) share per layer
-        busiest = load.max(1).values  # (L,)
+        load = counts / counts.sum(1, keepdim=True).clamp_min(1)  # (L, E) share of assignments
+        # share of a layer's tokens that its busiest expert receives: k/E when balanced, 1.0
+        # when one expert is in every token's top-k (collapse), whatever k is
+        busiest = counts.max(1).values / tokens.clamp_min(1)  # (L,)
         metrics = {"moe/routing_entropy": float((entropy / tokens.clamp_min(1)).mean()),
                    "moe/busiest_expert_share": float(busiest.max()),
                    "moe/busiest_expert_share_mean": float(busiest.mean()),
@@ -62,7 +64,7 @@ class RoutingStats:
         metrics["moe/collapse"] = float(self.collapsed_for >= self.patience)
         if self.collapsed_for == self.patience:
             worst = int(busiest.argmax())
-            log.warning("expert collapse: in %s one expert has taken %.0f%% of tokens for %d "
+            log.warning("expert collapse: in %s one expert has received %.0f%% of tokens for %d "
                         "logged steps (threshold %.0f%%); consider a larger balance_weight or "
                         "router_jitter", self.layer_names[worst], 100 * float(busiest[worst]),
                         self.patience, 100 * self.threshold)

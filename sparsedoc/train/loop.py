@@ -21,7 +21,8 @@ from sparsedoc import checkpoint as ckpt
 from sparsedoc.config import Config, config_to_dict, save_config
 from sparsedoc.data.dataset import eval_batches, make_collator, prepare_data, train_loader
 from sparsedoc.logging import JsonlLogger, MultiLogger, NullLogger, WandbLogger
-from sparsedoc.models.load import load_model_and_tokenizer, resolve_dtype
+from sparsedoc.models.load import (enable_activation_checkpointing, load_model_and_tokenizer,
+                                   resolve_dtype)
 from sparsedoc.train.distributed import (all_reduce_sum, barrier, build_ds_config, device,
                                          init_distributed, is_main, zero_stage)
 from sparsedoc.train.method import Method, count_parameters, model_inputs
@@ -87,8 +88,7 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
     model, tokenizer, model_path = load_model_and_tokenizer(cfg.model, dtype)
     model = method.build(model, cfg)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_activation_checkpointing(model)
     n_trainable, n_total = count_parameters(model)
     log.info("method=%s trainable params: %s of %s (%.3f%%)", method.name, f"{n_trainable:,}",
              f"{n_total:,}", 100 * n_trainable / n_total)
@@ -101,7 +101,7 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
              st["eval"]["records"])
     collate = make_collator(cfg.data, tokenizer, data.label_vocab)
     loader = train_loader(data.train, collate, cfg.train.micro_batch_size, rank, world,
-                          cfg.train.seed, cfg.data.num_workers)
+                          cfg.train.seed, cfg.data.num_workers, cfg.data.group_by_length)
     held_out = eval_batches(data.eval, collate, cfg.train.micro_batch_size, rank, world,
                             cfg.train.eval_batches)
 
@@ -165,9 +165,10 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
     engine.train()
     bar = tqdm(total=t.max_steps, initial=step, desc=f"train {method.name}", disable=not is_main(),
                dynamic_ncols=True)
-    first_eval = None
+    first_eval, last_eval = None, (None, float("nan"))  # last_eval: (step, loss)
     if step == 0 and held_out:
         first_eval = evaluate_loss(engine, held_out, dev)
+        last_eval = (0, first_eval)
         logger.log({"eval/loss": first_eval}, 0)
     window = {"loss": 0.0, "n": 0, "tokens": 0.0, "time": 0.0, "steps": 0}
     extra_sums: dict[str, float] = {}
@@ -220,7 +221,8 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
                 window = {"loss": 0.0, "n": 0, "tokens": 0.0, "time": 0.0, "steps": 0}
                 extra_sums = {}
             if held_out and t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                logger.log({"eval/loss": evaluate_loss(engine, held_out, dev)}, step)
+                last_eval = (step, evaluate_loss(engine, held_out, dev))
+                logger.log({"eval/loss": last_eval[1]}, step)
                 tick = time.perf_counter()  # eval time is not training time
             stopping = step >= end
             if step % t.save_every == 0 or stopping:
@@ -232,7 +234,9 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
             epoch, batch_in_epoch = epoch + 1, 0
     bar.close()
 
-    final_eval = evaluate_loss(engine, held_out, dev) if held_out else float("nan")
+    final_eval = last_eval[1]
+    if held_out and last_eval[0] != step:  # not evaluated at the last step yet
+        final_eval = evaluate_loss(engine, held_out, dev)
     summary = {"method": method.name, "steps": step, "world_size": world,
                "trainable_params": n_trainable, "total_params": n_total,
                "trainable_pct": 100 * n_trainable / n_total,

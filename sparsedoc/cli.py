@@ -1,0 +1,56 @@
+"""The ``sparsedoc`` command: one front door to the recipes and tools.
+
+    sparsedoc prepare NAME --src PATH --out DIR     convert a dataset to the unified schema
+    sparsedoc prepare mixture CONFIG.yaml --out DIR mix converted sets with weights
+    sparsedoc train {moe,lora,full,prompt} [--config Y] [--ds J] [key=value ...]
+    sparsedoc benchmark [...]                       step time / memory, side by side
+
+Training through this command runs in one process; for several GPUs or CPU ranks use the
+``deepspeed`` launcher on ``recipes/train_*.py`` as the README shows.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TRAIN_RECIPES = {"moe": "train_moe.py", "lora": "train_lora.py", "full": "train_full.py",
+                 "prompt": "train_prompt.py"}
+USAGE = __doc__
+
+
+def _run_recipe(script: str, argv: list[str]) -> int:
+    path = RECIPES / script
+    if not path.is_file():
+        print(f"error: recipe {path} not found (recipes/ ships with the source checkout)",
+              file=sys.stderr)
+        return 2
+    sys.argv = [str(path), *argv]
+    runpy.run_path(str(path), run_name="__main__")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "prepare":
+        from data_prep.cli import main as prepare_main
+        return prepare_main(rest)
+    if cmd == "train":
+        if not rest or rest[0] not in TRAIN_RECIPES:
+            print(f"usage: sparsedoc train {{{','.join(TRAIN_RECIPES)}}} [args]", file=sys.stderr)
+            return 2
+        return _run_recipe(TRAIN_RECIPES[rest[0]], rest[1:])
+    if cmd == "benchmark":
+        return _run_recipe("benchmark.py", rest)
+    print(f"error: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
