@@ -6,7 +6,7 @@ I(department; chosen expert) over real tokens (sparsedoc.eval.routing). Writes
 ``<out>/ablation.md`` and ``ablation.json``.
 
     python recipes/ablate_contrastive.py                       # demo config, ~25 min on 2 CPUs
-    python recipes/ablate_contrastive.py --variants none,label train.max_steps=8   # quick look
+    python recipes/ablate_contrastive.py --variants none,expert__w_0_1__t_0_1 train.max_steps=8
 """
 
 from __future__ import annotations
@@ -76,12 +76,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=str(RECIPES / "configs" / "moe_demo.yaml"))
     p.add_argument("--out", default="runs/ablation")
-    p.add_argument("--variants", default="", help="comma-separated prefixes of variant names")
+    p.add_argument("--variants", default="",
+                   help="comma-separated run-folder names (slugs) to run; default: all of "
+                        + ", ".join(slug(n) for n in VARIANTS))
     p.add_argument("overrides", nargs="*", help="key=value applied to every variant")
     args = p.parse_args()
     out = Path(args.out)
-    picks = [n for n in VARIANTS if not args.variants
-             or any(n.startswith(v) for v in args.variants.split(","))]
+    wanted = set(args.variants.split(",")) if args.variants else None
+    picks = [n for n in VARIANTS if wanted is None or slug(n) in wanted]
     results = {}
     for name in picks:
         run_dir = out / slug(name)

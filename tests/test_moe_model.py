@@ -203,3 +203,15 @@ def test_experts_without_tokens_still_get_a_gradient(dispatch):
     assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
     for e in range(4):
         assert (layer.lora_B.grad[e].abs().sum() > 0) == (e in used)
+
+
+def test_queue_sync_check_detects_a_diverged_rank(tiny_model_dir, toy_data, monkeypatch):
+    import sparsedoc.moe.method as moe_method
+
+    cfg = moe_config(tiny_model_dir, toy_data, contrastive="label")
+    _, model = built(cfg, tiny_model_dir)
+    label_queue(model).enqueue(0, torch.randn(3, label_queue(model).dim), torch.tensor([0, 1, 0]))
+    assert queues_in_sync(model)
+    # a second "rank" whose queue digest differs by one write
+    monkeypatch.setattr(moe_method, "all_gather_cat", lambda t: torch.cat([t, t + 1.0]))
+    assert not queues_in_sync(model)

@@ -71,7 +71,9 @@ class MoEMethod(Method):
         self.dispatch = resolve_dispatch(self.cfg.dispatch)
         self.base_model = resolve_model_path(cfg.model)
         inject_lora_moe(model, self.cfg, self.dispatch)
-        routers = routing_layers(model)
+        # Found once: DeepSpeed wraps the model object, it does not replace its modules.
+        self.layers, self.routers = moe_layers(model), routing_layers(model)
+        routers = self.routers
         if self.cfg.contrastive == "label":
             dim = len(routers) * self.cfg.num_experts
             # Registered on the model so DeepSpeed checkpoints carry it with the weights.
@@ -80,7 +82,7 @@ class MoEMethod(Method):
                                   [block_index(n) for n, _ in routers],
                                   self.cfg.collapse_threshold, self.cfg.collapse_patience)
         log.info("LoRA-MoE: %d layers wrapped, %d routers, E=%d top-%d r=%d, dispatch=%s, "
-                 "contrastive=%s, memory queues %.2f MiB", len(moe_layers(model)), len(routers),
+                 "contrastive=%s, memory queues %.2f MiB", len(self.layers), len(routers),
                  self.cfg.num_experts, self.cfg.top_k, self.cfg.r, self.dispatch,
                  self.cfg.contrastive, queue_bytes(model) / 2**20)
         return model
@@ -98,13 +100,13 @@ class MoEMethod(Method):
                      ) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, model = self.cfg, engine.module
         mask = batch["attention_mask"]  # collators always provide it (packed rows too)
-        layers = moe_layers(model)
+        layers = self.layers
         if cfg.contrastive == "expert":
             idx = self._sample_tokens(mask, step)
             for _, layer in layers:
                 layer.contrast_index = idx
         out = engine(**model_inputs(batch))
-        routers = routing_layers(model)
+        routers = self.routers
         balance = torch.stack([losses.load_balance_loss(l.last_routing.probs,
                                                         l.last_routing.top_idx, mask)
                                for _, l in routers]).mean()
@@ -166,7 +168,7 @@ class MoEMethod(Method):
         elif cfg.contrastive == "expert":
             # (micro, layers, rows, r+1) from every rank, in rank order: identical on all ranks
             keys = all_gather_cat(torch.stack([k for k, _ in self.pending]))
-            for li, (_, layer) in enumerate(moe_layers(model)):
+            for li, (_, layer) in enumerate(self.layers):
                 rows = keys[:, li].reshape(-1, layer.r + 1)
                 experts = rows[:, -1].long()
                 for e in range(layer.num_experts):

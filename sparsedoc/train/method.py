@@ -17,12 +17,17 @@ from sparsedoc.config import Config
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     """The keys the HF model takes. Packed rows (with ``position_ids``) drop the padding mask so
-    transformers builds a block-diagonal mask from the restarting positions."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    transformers builds a block-diagonal mask from the restarting positions.
+
+    ``use_cache=False``: a training or loss forward never reuses keys and values, and transformers
+    only derives the block-diagonal mask when no KV cache is passed (with the config's default
+    ``use_cache=True`` it builds one, and packed records would attend to each other)."""
+    inputs: dict = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if "position_ids" in inputs:
         inputs.pop("attention_mask", None)
+    inputs["use_cache"] = False
     return inputs
 
 

@@ -1,0 +1,310 @@
+"""sparsedoc.data: schema checks, assistant-only masking with the real SmolLM2 chat template,
+padding, packing without cross-contamination, and the resumable rank-sharded sampler."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sparsedoc.config import ModelCfg
+from sparsedoc.data.collate import PackCollator, PadCollator, pack_examples
+from sparsedoc.data.dataset import ResumableSampler, train_loader
+from sparsedoc.data.schema import RecordError, read_jsonl, write_jsonl
+from sparsedoc.data.tokenize import (IGNORE_INDEX, TokenizedExample, encode_chat,
+                                     tokenize_records)
+from sparsedoc.models.load import load_tokenizer, resolve_model_path
+from sparsedoc.train.method import model_inputs
+
+DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by " \
+                 "Hugging Face<|im_end|>\n"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(resolve_model_path(ModelCfg()))
+
+
+def kept(labels):
+    return [t for t in labels if t != IGNORE_INDEX]
+
+
+def spans(labels):
+    """(start, end) of every contiguous run of target labels."""
+    out, start = [], None
+    for i, t in enumerate(labels + [IGNORE_INDEX]):
+        if t != IGNORE_INDEX and start is None:
+            start = i
+        elif t == IGNORE_INDEX and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def chat(id_, q, a, lang="en", label="cardiology"):
+    return {"id": id_, "messages": [{"role": "user", "content": q},
+                                    {"role": "assistant", "content": a}],
+            "meta": {"source": "t", "task": "qa", "lang": lang, "label": label}}
+
+
+def mcq(id_, lang="en", answer="A", explanation="The heart pumps blood."):
+    return {"id": id_, "question": "Which organ pumps blood?" if lang == "en" else "哪个器官泵血？",
+            "options": {"A": "heart", "B": "lung", "C": "liver", "D": "skin"}, "answer": answer,
+            "explanation": explanation,
+            "meta": {"source": "t", "subject": "cardiology", "lang": lang}}
+
+
+# ---- masking with the real chat template -----------------------------------------------------
+
+
+def test_two_turn_conversation_keeps_exactly_the_assistant_tokens(tok):
+    msgs = [{"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "What is a heart?"},
+            {"role": "assistant", "content": "An organ."}]
+    ids, labels = encode_chat(tok, msgs)
+    assert len(ids) == len(labels)
+    assert tok.decode(ids) == (DEFAULT_SYSTEM + "<|im_start|>user\nHi there<|im_end|>\n"
+                               "<|im_start|>assistant\nHello!<|im_end|>\n"
+                               "<|im_start|>user\nWhat is a heart?<|im_end|>\n"
+                               "<|im_start|>assistant\nAn organ.<|im_end|>\n")
+    assert tok.decode(kept(labels)) == "Hello!<|im_end|>\nAn organ.<|im_end|>\n"
+    runs = spans(labels)
+    assert len(runs) == 2
+    for (s, e), text in zip(runs, ["Hello!<|im_end|>\n", "An organ.<|im_end|>\n"]):
+        assert labels[s:e] == ids[s:e]  # targets are the input tokens themselves
+        assert tok.decode(ids[s:e]) == text
+        assert tok.decode(ids[:s]).endswith("<|im_start|>assistant\n")  # the prompt is masked
+    assert all(t == IGNORE_INDEX for t in labels[: runs[0][0]])
+    assert all(t == IGNORE_INDEX for t in labels[runs[0][1]: runs[1][0]])
+    assert runs[1][1] == len(ids)  # the last turn's "<|im_end|>\n" is the last token
+
+
+def test_default_system_prompt_of_the_template_is_masked(tok):
+    ids, labels = encode_chat(tok, [{"role": "user", "content": "Q"},
+                                    {"role": "assistant", "content": "A."}])
+    n_sys = len(tok(DEFAULT_SYSTEM, add_special_tokens=False)["input_ids"])
+    assert tok.decode(ids[:n_sys]) == DEFAULT_SYSTEM
+    assert labels[:n_sys] == [IGNORE_INDEX] * n_sys
+    assert tok.decode(kept(labels)) == "A.<|im_end|>\n"
+
+
+def test_configured_system_prompt_replaces_the_default_and_is_masked(tok):
+    ids, labels = encode_chat(tok, [{"role": "user", "content": "Q"},
+                                    {"role": "assistant", "content": "A."}],
+                              system_prompt="You are a doctor.")
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou are a doctor.<|im_end|>\n")
+    assert "SmolLM" not in text
+    assert tok.decode(kept(labels)) == "A.<|im_end|>\n"
+
+
+@pytest.mark.parametrize("lang,with_expl,target", [
+    ("en", True, "Answer: A\nExplanation: The heart pumps blood.<|im_end|>\n"),
+    ("en", False, "Answer: A<|im_end|>\n"),
+    ("zh", True, "答案：A\n解析：The heart pumps blood.<|im_end|>\n"),
+    ("zh", False, "答案：A<|im_end|>\n"),
+])
+def test_mcq_records_train_on_the_answer_letter(tok, lang, with_expl, target):
+    out, stats = tokenize_records([mcq("m1", lang)], tok, 512, mcq_with_explanation=with_expl)
+    (ex,) = out
+    assert tok.decode(kept(ex.labels)) == target
+    prompt = tok.decode(ex.input_ids)
+    assert "A. heart\nB. lung\nC. liver\nD. skin" in prompt
+    assert ("请给出正确选项。" if lang == "zh" else "Answer with the letter") in prompt
+    assert ex.label == "cardiology" and ex.record_id == "m1"  # meta.subject is the label
+    assert stats.target_tokens == len(kept(ex.labels))
+
+
+def test_multi_answer_mcq_keeps_all_letters(tok):
+    rec = mcq("m2", answer="AC", explanation="")
+    (ex,), _ = tokenize_records([rec], tok, 512)
+    assert tok.decode(kept(ex.labels)) == "Answer: AC<|im_end|>\n"
+
+
+def test_truncation_is_counted_and_answerless_records_are_skipped_by_id(tok):
+    long_answer = chat("long-answer", "Short question?", " ".join(["word"] * 200))
+    long_prompt = chat("long-prompt", " ".join(["context"] * 200), "Yes.")
+    short = chat("short", "Q?", "A.")
+    out, stats = tokenize_records([long_answer, long_prompt, short], tok, max_seq_len=64)
+    assert stats.records == 3
+    assert stats.truncated == 2
+    assert stats.skipped_no_target == ["long-prompt"]
+    assert [e.record_id for e in out] == ["long-answer", "short"]
+    assert len(out[0].input_ids) == len(out[0].labels) == 64
+    assert stats.tokens == sum(len(e.input_ids) for e in out)
+    assert stats.target_tokens == sum(sum(t != IGNORE_INDEX for t in e.labels[1:]) for e in out)
+    assert stats.as_dict()["skipped_no_target"] == 1
+
+
+# ---- schema errors ---------------------------------------------------------------------------
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps(chat("a", "q", "a"))
+    path.write_text(good + "\n\n" + '{"id": "b", "messages": [\n' + good + "\n")
+    with pytest.raises(RecordError) as e:
+        read_jsonl(path)
+    assert f"{path}:3" in str(e.value) and "not valid JSON" in str(e.value)
+
+
+def test_record_missing_meta_lang_names_the_field(tmp_path):
+    rec = chat("a", "q", "a")
+    del rec["meta"]["lang"]
+    path = tmp_path / "nolang.jsonl"
+    write_jsonl(path, [chat("ok", "q", "a"), rec])
+    with pytest.raises(RecordError) as e:
+        read_jsonl(path)
+    assert f"{path}:2" in str(e.value) and "meta.lang" in str(e.value)
+
+
+def test_duplicate_ids_are_an_error(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    write_jsonl(path, [chat("x", "q1", "a1"), chat("y", "q2", "a2"), chat("x", "q3", "a3")])
+    with pytest.raises(RecordError, match=r"duplicate id 'x' \(records 1 and 3\)"):
+        read_jsonl(path)
+
+
+def test_mcq_answer_outside_options_is_rejected(tmp_path):
+    path = tmp_path / "mcq.jsonl"
+    write_jsonl(path, [mcq("m", answer="E")])
+    with pytest.raises(RecordError, match=rf"{path}:1: field 'answer'"):
+        read_jsonl(path)
+
+
+def test_missing_data_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such data file"):
+        read_jsonl(tmp_path / "none.jsonl")
+
+
+# ---- collation and packing -------------------------------------------------------------------
+
+
+def test_pad_collator_pads_with_ignored_labels_and_zero_attention():
+    a = TokenizedExample([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9], "cardiology", "a")
+    b = TokenizedExample(list(range(10, 21)), [-100] * 6 + list(range(16, 21)), "other", "b")
+    batch = PadCollator(pad_token_id=2, label_vocab={"cardiology": 0, "neurology": 1})([a, b])
+    assert batch["input_ids"].shape == (2, 16)  # 11 rounded up to a multiple of 8
+    assert batch["input_ids"][0].tolist() == [5, 6, 7, 8, 9] + [2] * 11
+    assert batch["labels"][0].tolist() == [-100, -100, 7, 8, 9] + [-100] * 11
+    assert batch["attention_mask"].sum(1).tolist() == [5, 11]
+    assert batch["attention_mask"][0, 5:].eq(0).all()
+    assert batch["attention_mask"][1, 11:].eq(0).all()
+    assert batch["labels"][1, 11:].eq(-100).all()
+    assert batch["seq_label_ids"].tolist() == [0, -1]  # unknown label -> -1
+
+
+@pytest.fixture(scope="module")
+def toy_examples(tok, toy_data):
+    examples, _ = tokenize_records(read_jsonl(toy_data[0]), tok, max_seq_len=128)
+    return examples
+
+
+def test_packed_rows_fit_and_keep_every_token_in_order(toy_examples):
+    rows = pack_examples(toy_examples, 128)
+    assert len(rows) < len(toy_examples)
+    assert max(len(r.input_ids) for r in rows) <= 128
+    assert [t for r in rows for t in r.input_ids] == [t for e in toy_examples for t in e.input_ids]
+    # positions restart at every packed record; each record's first label is masked
+    pieces = [len(e.input_ids) for e in toy_examples]
+    flat_pos = [p for r in rows for p in r.position_ids]
+    assert flat_pos == [i for n in pieces for i in range(n)]
+    flat_labels = [t for r in rows for t in r.labels]
+    starts = [sum(pieces[:i]) for i in range(len(pieces))]
+    assert all(flat_labels[s] == IGNORE_INDEX for s in starts)
+    assert len(rows) == len(set(r.record_id for r in rows))
+
+
+def test_packed_row_forward_equals_separate_forwards(tiny_model_dir, tok, toy_examples):
+    """Block-diagonal attention from restarting positions: no record sees another."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    rows = pack_examples(toy_examples, 256)
+    row = max(rows, key=lambda r: r.position_ids.count(0))
+    n_pieces = row.position_ids.count(0)
+    assert n_pieces >= 3
+    pieces = toy_examples[[e.record_id for e in toy_examples].index(row.record_id):][:n_pieces]
+    assert [t for e in pieces for t in e.input_ids] == row.input_ids
+
+    batch = PackCollator(tok.pad_token_id)([row])
+    inputs = model_inputs(batch)
+    assert "attention_mask" not in inputs
+    assert batch["position_ids"][0, : len(row.input_ids)].tolist() == row.position_ids
+    with torch.no_grad():
+        packed = model(**inputs)
+        offset, loss_sum, n_sum = 0, 0.0, 0
+        for e in pieces:
+            alone = model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels]))
+            got = packed.logits[0, offset: offset + len(e.input_ids)]
+            torch.testing.assert_close(got, alone.logits[0], atol=1e-4, rtol=0)
+            n = sum(t != IGNORE_INDEX for t in e.labels[1:])
+            loss_sum, n_sum = loss_sum + float(alone.loss) * n, n_sum + n
+            offset += len(e.input_ids)
+    # the packed loss is the token-weighted mean of the separate losses
+    assert float(packed.loss) == pytest.approx(loss_sum / n_sum, abs=1e-4)
+
+
+# ---- the resumable sampler -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lengths", [None, [(i * 7) % 23 for i in range(50)]],
+                         ids=["shuffled", "grouped-by-length"])
+def test_sampler_shards_disjoint_equal_and_seeded(lengths):
+    def make(rank, seed=0):
+        return ResumableSampler(50, batch_size=4, rank=rank, world_size=2, seed=seed,
+                                lengths=lengths)
+
+    r0, r1 = make(0), make(1)
+    assert r0.batches_per_epoch == 50 // 8
+    a, b = list(r0), list(r1)
+    assert len(a) == len(b) == 6 * 4 == len(r0)
+    assert not set(a) & set(b)
+    assert len(set(a) | set(b)) == 48 and set(a) | set(b) <= set(range(50))
+    assert list(make(0)) == a  # same (seed, epoch): same order
+    r0.set_position(1)
+    r1.set_position(1)
+    a1, b1 = list(r0), list(r1)
+    assert a1 != a  # another epoch: another order
+    assert not set(a1) & set(b1) and len(a1) == len(b1) == 24  # still disjoint and equal
+    other_seed = make(0, seed=1)
+    assert list(other_seed) != a
+
+
+def test_sampler_set_position_yields_the_tail_of_the_epoch():
+    s = ResumableSampler(50, batch_size=4, rank=1, world_size=2, seed=3)
+    s.set_position(2)
+    whole = list(s)
+    s.set_position(2, 3)
+    assert list(s) == whole[3 * 4:]
+    assert len(s) == (6 - 3) * 4
+
+
+def test_sampler_epoch_orders_differ_and_repeat():
+    s = ResumableSampler(40, batch_size=4, rank=0, world_size=1, seed=0)
+    orders = []
+    for epoch in (0, 1, 0):
+        s.set_position(epoch)
+        orders.append(list(s))
+    assert orders[0] == orders[2] and orders[0] != orders[1]
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(40))
+
+
+def test_sampler_rejects_fewer_rows_than_a_global_batch():
+    with pytest.raises(ValueError, match="lower train.micro_batch_size"):
+        ResumableSampler(7, batch_size=4, rank=0, world_size=2)
+
+
+def test_resumed_loader_gives_the_remaining_batches_of_the_epoch(toy_examples, tok):
+    collate = PadCollator(tok.pad_token_id)
+    loader = train_loader(toy_examples, collate, batch_size=4, rank=0, world_size=2, seed=5)
+    loader.sampler.set_position(1, 0)
+    whole = [b["input_ids"] for b in loader]
+    assert len(whole) == len(toy_examples) // 8
+    loader.sampler.set_position(1, 2)
+    tail = [b["input_ids"] for b in loader]
+    assert len(tail) == len(whole) - 2
+    for x, y in zip(tail, whole[2:]):
+        assert torch.equal(x, y)
