@@ -9,6 +9,7 @@ model, so we convert it once: rebuild the model class from the config without it
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
@@ -49,7 +50,7 @@ def embedded_gguf_path() -> Path:
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """De-quantise a GGUF checkpoint into a plain HF safetensors folder (atomic, idempotent)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if (out_dir / "config.json").is_file():
@@ -60,7 +61,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     src = str(gguf_path.parent)
     tokenizer = AutoTokenizer.from_pretrained(src, **kw)
     quantized = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
-    config = AutoConfig.from_pretrained(src, **kw)
+    config = copy.deepcopy(quantized.config)  # not re-read: each read parses the whole GGUF
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -71,6 +72,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         raise RuntimeError(f"GGUF conversion of {gguf_path}: missing={missing} "
                            f"unexpected={unexpected}")
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is a normal folder
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
