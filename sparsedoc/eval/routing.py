@@ -63,20 +63,125 @@ def specialization_summary(counts: torch.Tensor, layer_names: list[str]) -> dict
             "mi_bits_per_layer": {n: float(v) for n, v in zip(layer_names, mi)}}
 
 
+def _short_layer(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``3.q``."""
+    b = block_index(name)
+    leaf = name.rsplit(".", 1)[-1].replace("_proj", "")
+    return f"{b}.{leaf}" if b is not None else name
+
+
+def plot_label_heatmap(share, label_names: list[str], path: Path, title: str) -> Path:
+    """Label x expert share of token assignments, each cell annotated (rows sum to 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = share.shape
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + 0.7 * cols), max(2.6, 1.3 + 0.38 * rows)))
+    im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(cols))
+    ax.set_yticks(range(rows))
+    ax.set_yticklabels(label_names, fontsize=7)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("label")
+    ax.set_title(title, fontsize=9)
+    if rows * cols <= 200:
+        for r in range(rows):
+            for c in range(cols):
+                ax.text(c, r, f"{share[r, c]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if share[r, c] < 0.6 else "black")
+    fig.colorbar(im, ax=ax, label="share")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_label_usage(counts: torch.Tensor, layer_names: list[str], label_names: list[str],
                      out_dir: Path, max_layers: int = 6) -> list[Path]:
     """One PNG heatmap (label x expert share) per routing layer, for up to ``max_layers``
     layers spread over the depth."""
-    from sparsedoc.moe.telemetry import plot_load_heatmap
-
     L = counts.shape[0]
-    picks = sorted({round(i * (L - 1) / max(1, max_layers - 1)) for i in range(min(L, max_layers))})
+    n = min(L, max_layers)
+    picks = sorted({round(i * (L - 1) / max(1, n - 1)) for i in range(n)})
     paths = []
     for i in picks:
         share = counts[i] / counts[i].sum(-1, keepdim=True).clamp_min(1)
-        b = block_index(layer_names[i])
         name = layer_names[i].replace(".", "_")
-        paths.append(plot_load_heatmap(share.numpy(), label_names, out_dir / f"routing_{name}.png",
-                                       f"{layer_names[i]} (block {b}): expert share per label",
-                                       ylabel="label"))
+        paths.append(plot_label_heatmap(share.numpy(), label_names,
+                                        out_dir / f"routing_{name}.png",
+                                        f"layer {_short_layer(layer_names[i])}: expert share "
+                                        f"per label"))
     return paths
+
+
+def plot_mi_per_layer(summary: dict, path: Path, title: str) -> Path:
+    """Bar chart of I(label; expert) per routing layer, against H(label) (the maximum)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_layer = summary["mi_bits_per_layer"]
+    names = list(per_layer)
+    ticks = [_short_layer(n) for n in names]
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.14 * len(names) + 2), 3.2))
+    ax.bar(range(len(names)), list(per_layer.values()), color="tab:blue")
+    ax.axhline(summary["label_entropy_bits"], color="grey", ls="--", lw=1, label="H(label)")
+    step = max(1, len(names) // 24)
+    ax.set_xticks(range(0, len(names), step))
+    ax.set_xticklabels(ticks[::step], fontsize=6, rotation=90)
+    ax.set_xlabel("routing layer (block.projection)")
+    ax.set_ylabel("I(label; expert) [bits]")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def analyze_routing(model, tokenizer, records: list[dict], out_dir: Path, max_seq_len: int = 512,
+                    batch_size: int = 8, max_layers: int = 6) -> dict | None:
+    """Per-label expert usage of a LoRA-MoE model on labelled records (department / subject).
+
+    Records are rendered as training renders them (chat template, MCQ as instruction), routed
+    teacher-forced, and every real token's top-k experts are counted per label. Writes
+    ``routing.json`` (counts, specialisation summary) and PNGs (label x expert share for up to
+    ``max_layers`` layers, and I(label; expert) per layer) into ``out_dir``. Returns None, with
+    nothing written, when fewer than two labels occur (I(label; expert) is 0 by definition).
+    """
+    import json
+
+    from sparsedoc.data.collate import PadCollator
+    from sparsedoc.data.schema import record_label
+    from sparsedoc.data.tokenize import tokenize_records
+
+    labelled = [r for r in records if record_label(r)]
+    labels = sorted({record_label(r) for r in labelled})
+    if len(labels) < 2:
+        return None
+    vocab = {lab: i for i, lab in enumerate(labels)}
+    rows, stats = tokenize_records(labelled, tokenizer, max_seq_len=max_seq_len,
+                                   mcq_with_explanation=False)
+    if len({r.label for r in rows}) < 2:  # every record of a label lost its target to truncation
+        return None
+    collate = PadCollator(tokenizer.pad_token_id, vocab)
+    batches = [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    counts, layer_names = label_expert_counts(model, batches, len(labels))
+    summary = specialization_summary(counts, layer_names)
+    out_dir = Path(out_dir)
+    images = plot_label_usage(counts, layer_names, labels, out_dir, max_layers=max_layers)
+    images.append(plot_mi_per_layer(summary, out_dir / "routing_mi_per_layer.png",
+                                    f"I(label; expert) per layer, {len(labels)} labels, "
+                                    f"{len(rows)} records"))
+    result = {"labels": labels, "records": len(rows), "truncated": stats.truncated,
+              "skipped_no_target": len(stats.skipped_no_target),
+              "label_counts": {lab: sum(1 for r in rows if r.label == lab) for lab in labels},
+              **summary, "images": [str(p) for p in images],
+              "counts": {n: counts[i].tolist() for i, n in enumerate(layer_names)}}
+    (out_dir / "routing.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    return result

@@ -126,15 +126,17 @@ def build_ds_config(template: dict | str | Path, cfg: Config, world_size: int,
     sched = ds.setdefault("scheduler", {"type": "auto", "params": {}})
     _check_or_fill(sched, "type", _SCHEDULERS[t.lr_schedule], f"{src}.scheduler")
     sp = sched.setdefault("params", {})
-    warmup = min(t.warmup_steps, t.max_steps)
+    # DeepSpeed needs warmup_num_steps >= 1; no warmup = a one-step "warmup" already at full lr
+    warmup = max(1, min(t.warmup_steps, t.max_steps))
+    start = 0.0 if t.warmup_steps > 0 else 1.0  # first-step lr as a fraction of train.lr
     if sched["type"] == "WarmupLR":
-        fills = {"warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": warmup,
+        fills = {"warmup_min_lr": start * t.lr, "warmup_max_lr": t.lr, "warmup_num_steps": warmup,
                  "warmup_type": "linear"}
     elif sched["type"] == "WarmupDecayLR":
-        fills = {"warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": warmup,
+        fills = {"warmup_min_lr": start * t.lr, "warmup_max_lr": t.lr, "warmup_num_steps": warmup,
                  "total_num_steps": t.max_steps, "warmup_type": "linear"}
     else:  # WarmupCosineLR expresses lr as ratios of the optimizer's lr
-        fills = {"warmup_min_ratio": 0.0, "cos_min_ratio": 0.1, "warmup_num_steps": warmup,
+        fills = {"warmup_min_ratio": start, "cos_min_ratio": 0.1, "warmup_num_steps": warmup,
                  "total_num_steps": t.max_steps, "warmup_type": "linear"}
     for k, v in fills.items():
         _check_or_fill(sp, k, v, f"{src}.scheduler.params")

@@ -1,0 +1,176 @@
+"""One loader for everything ``sparsedoc evaluate`` scores: base models, training runs, exports.
+
+``load_for_eval(path)`` recognises, in this order:
+
+* a **training run folder** (``config.yaml`` + ``checkpoints/step-*``): the latest complete
+  checkpoint is applied to a fresh base model as ``adapter.method`` says: ``lora`` / ``prompt``
+  with ``peft.PeftModel.from_pretrained``, ``lora_moe`` with
+  ``sparsedoc.moe.inject.load_moe_adapter``, ``full`` by consolidating the DeepSpeed checkpoint
+  (``zero_to_fp32``);
+* a **checkpoint folder** (``<run>/checkpoints/step-N``): the same, for that step;
+* an **adapter folder**: peft (``adapter_config.json`` with ``base_model_name_or_path``) or
+  sparsedoc LoRA-MoE (``"format": "sparsedoc-lora-moe"``), applied to the base it names;
+* a **plain HF folder** (``config.json``: a base model or an export), a hub id, or ``embedded``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from sparsedoc.config import Config, ModelCfg, load_config
+from sparsedoc.models.load import load_model_and_tokenizer, resolve_dtype
+
+log = logging.getLogger("sparsedoc")
+
+MOE_FORMAT = "sparsedoc-lora-moe"
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "trainer_state.json").is_file() and (path / "config.yaml").is_file()
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
+
+
+def _fingerprint(paths: list[Path]) -> str:
+    """Cheap identity of the weights (path, size, mtime), so cached predictions of a model that
+    was retrained in place are not reused."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        for f in sorted(p.rglob("*") if p.is_dir() else [p]):
+            if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".json"):
+                st = f.stat()
+                h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def prompt_virtual_tokens(model) -> int:
+    """Soft-prompt length of a peft prompt-learning model (its logits carry these positions
+    first), else 0."""
+    cfg = getattr(model, "active_peft_config", None)
+    if cfg is not None and getattr(cfg, "is_prompt_learning", False):
+        return int(cfg.num_virtual_tokens)
+    return 0
+
+
+def _apply_adapter(model, method: str, adapter_dir: Path):
+    if method in ("lora", "prompt"):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    if method == "lora_moe":
+        from sparsedoc.moe.inject import load_moe_adapter
+
+        load_moe_adapter(model, adapter_dir)
+        return model
+    raise ValueError(f"{adapter_dir}: unknown adapter method {method!r}")
+
+
+def _load_full(model, ckpt: Path) -> None:
+    """Consolidate a ZeRO checkpoint (any stage) into fp32 weights and load them exactly."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    expected = set(model.state_dict())
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(expected - set(state) - tied)
+    extra = sorted(set(state) - expected)
+    if missing or extra:
+        raise ValueError(f"{ckpt}: consolidated weights do not match the model; missing "
+                         f"{missing[:5]}, unexpected {extra[:5]}")
+    dtype = next(model.parameters()).dtype
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    if tied:
+        model.tie_weights()
+
+
+def _load_checkpoint(ckpt: Path, dtype: torch.dtype, run_dir: Path | None):
+    cfg: Config = load_config(ckpt / "config.yaml")
+    method = cfg.adapter.method
+    model, tokenizer, base_path = load_model_and_tokenizer(cfg.model, dtype)
+    adapter_dir = ckpt / "adapter"
+    if method == "full":
+        _load_full(model, ckpt)
+        weights = [ckpt]
+    else:
+        if not adapter_dir.is_dir():
+            raise FileNotFoundError(f"{adapter_dir}: missing; checkpoint of a {method} run "
+                                    f"without its adapter")
+        model = _apply_adapter(model, method, adapter_dir)
+        weights = [adapter_dir]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    info = {"kind": "run" if run_dir else "checkpoint", "method": method,
+            "path": str((run_dir or ckpt).resolve()), "checkpoint": str(ckpt.resolve()),
+            "step": state.get("step"), "base_model": base_path, "seed": cfg.train.seed,
+            "run_dir": str(run_dir.resolve()) if run_dir else str(ckpt.parents[1].resolve()),
+            "fingerprint": _fingerprint(weights)}
+    return model, tokenizer, info
+
+
+def _load_adapter_folder(path: Path, dtype: torch.dtype):
+    meta = json.loads((path / "adapter_config.json").read_text())
+    if meta.get("format") == MOE_FORMAT:
+        method, base = "lora_moe", meta["base_model"]
+    else:
+        method = "prompt" if meta.get("peft_type") == "PROMPT_TUNING" else "lora"
+        base = meta.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path}/adapter_config.json names no base model")
+    model, tokenizer, base_path = load_model_and_tokenizer(ModelCfg(name_or_path=base), dtype)
+    model = _apply_adapter(model, method, path)
+    info = {"kind": "adapter", "method": method, "path": str(path.resolve()),
+            "base_model": base_path, "fingerprint": _fingerprint([path])}
+    return model, tokenizer, info
+
+
+def load_for_eval(path: str, dtype: str = "auto", device: str = "auto"):
+    """Load any model sparsedoc can score; returns ``(model, tokenizer, info)``.
+
+    ``info`` says what was loaded: ``kind`` (run / checkpoint / adapter / hf), ``method``
+    (lora_moe / lora / prompt / full / base), the checkpoint and step, the base model, and a
+    weights ``fingerprint``. The model is in eval mode on ``device`` (auto: cuda if available).
+    """
+    from sparsedoc import checkpoint as ckpt_mod
+
+    torch_dtype = resolve_dtype(dtype)
+    p = Path(path)
+    if p.is_dir() and _is_run(p):
+        ckpts = ckpt_mod.list_checkpoints(p)
+        if not ckpts:
+            raise FileNotFoundError(f"{p}: a run folder with no complete checkpoint in "
+                                    f"{p / 'checkpoints'}")
+        model, tokenizer, info = _load_checkpoint(ckpts[-1], torch_dtype, p)
+    elif p.is_dir() and _is_checkpoint(p):
+        model, tokenizer, info = _load_checkpoint(p, torch_dtype, None)
+    elif p.is_dir() and (p / "adapter_config.json").is_file():
+        model, tokenizer, info = _load_adapter_folder(p, torch_dtype)
+    else:
+        if p.exists() and not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{p}: not a run folder (config.yaml + checkpoints/), a "
+                                    f"checkpoint, an adapter folder or an HF model folder")
+        model, tokenizer, base_path = load_model_and_tokenizer(ModelCfg(name_or_path=path),
+                                                               torch_dtype)
+        info = {"kind": "hf", "method": "base", "path": base_path, "base_model": base_path,
+                "fingerprint": _fingerprint([Path(base_path)]) if Path(base_path).is_dir()
+                else base_path}
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model.to(dev)
+    model.eval()
+    info.update(device=str(dev), dtype=str(torch_dtype).replace("torch.", ""),
+                name=_display_name(info))
+    log.info("loaded %s (%s, %s) on %s", info["name"], info["kind"], info["method"], dev)
+    return model, tokenizer, info
+
+
+def _display_name(info: dict) -> str:
+    if info["kind"] in ("run", "checkpoint"):
+        step = f"@{info['step']}" if info.get("step") is not None else ""
+        return Path(info["run_dir"]).name + step
+    return Path(info["path"]).name
