@@ -24,9 +24,9 @@ def test_load_balance_hand_computed_with_padding():
 
 
 def test_load_balance_uniform_is_one_and_topk_normalised():
-    E, T, k = 4, 8, 2
+    E, T = 4, 8
     probs = torch.full((T, E), 1 / E)
-    top_idx = torch.tensor([[t % E, (t + 1) % E] for t in range(T)])
+    top_idx = torch.tensor([[t % E, (t + 1) % E] for t in range(T)])  # top-2, every expert 4x
     assert losses.load_balance_loss(probs, top_idx).item() == pytest.approx(1.0)
 
 
