@@ -68,6 +68,9 @@ class MoECfg:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                  "down_proj"])
     router_scope: Literal["module", "block"] = "module"  # block: one router per decoder layer
+    # Batches whose mean input direction each router projects out before scoring (router.py);
+    # 0 keeps the plain linear router.
+    router_calibration_batches: int = 4
     router_jitter: float = 0.0  # multiplicative input noise while training (Switch Transformer)
     shared_expert: bool = False  # an always-on LoRA next to the routed ones
     dispatch: Literal["auto", "dense", "grouped"] = "auto"

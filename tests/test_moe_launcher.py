@@ -65,6 +65,9 @@ def test_moe_trains_under_deepspeed(tiny_model_dir, toy_data, tmp_path, ds, cont
     adapter = load_file(ckpt / "adapter" / "adapter_model.safetensors")
     a = adapter["model.layers.0.self_attn.q_proj.lora_A"]
     assert tuple(a.shape) == (4, 8, 64) and a.abs().sum() > 0  # gathered, not an empty shard
+    # routers were calibrated before step 1 (unit mean-input direction, saved with the adapter)
+    u = adapter["model.layers.0.self_attn.q_proj.router.shared_direction"]
+    assert float(u.norm()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_moe_resume_reproduces_losses_and_queue(tiny_model_dir, toy_data, tmp_path):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from sparsedoc.moe.layer import LoRAMoELinear
+from sparsedoc.moe.router import TopKRouter
 
 
 def reference_forward(layer: LoRAMoELinear, x: torch.Tensor) -> torch.Tensor:
@@ -139,3 +140,41 @@ def test_delta_weight_reproduces_single_expert_output():
         g = routing.top_gates[t, 0]
         expect = layer.base_layer(x[t]) + g * (layer.delta_weight(e) @ x[t])
         torch.testing.assert_close(out[t], expect, rtol=1e-5, atol=1e-5)
+
+
+def test_router_calibration_projects_out_the_shared_direction():
+    """Hidden states with a large common offset send every token to the same expert; after
+    calibration the router ignores the offset (logits invariant to it) and tokens spread out."""
+    torch.manual_seed(0)
+    d, E = 64, 4
+    router = TopKRouter(d, E, 1)
+    offset = torch.randn(d)
+    offset = 100 * offset / offset.norm()
+    x = torch.randn(512, d) + offset
+    before = torch.bincount(router(x)[2].flatten(), minlength=E)
+    assert before.max() > 0.7 * len(x)  # the offset decides the routing
+    router.start_calibration()
+    router.calib_rows = torch.ones(len(x), dtype=torch.bool)
+    router(x)
+    router.finish_calibration()
+    u = router.shared_direction
+    assert torch.allclose(u, x.mean(0) / x.mean(0).norm(), atol=1e-6)
+    w_eff = router.weight - (router.weight @ u)[:, None] * u
+    torch.testing.assert_close(router.effective_weight(), w_eff)
+    after = torch.bincount(router(x)[2].flatten(), minlength=E)
+    assert after.max() < 0.4 * len(x), after
+    # moving every token along u changes nothing
+    torch.testing.assert_close(router(x + 5 * u)[0], router(x)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_router_calibration_ignores_padding_rows():
+    torch.manual_seed(0)
+    router = TopKRouter(8, 2, 1)
+    x = torch.randn(6, 8)
+    x[3:] = 1000.0  # padding rows that must not count
+    router.start_calibration()
+    router.calib_rows = torch.tensor([True, True, True, False, False, False])
+    router(x)
+    router.finish_calibration()
+    m = x[:3].mean(0)
+    torch.testing.assert_close(router.shared_direction, m / m.norm())

@@ -102,6 +102,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             tensors.update(shared_A=layer.shared_A, shared_B=layer.shared_B)
         if layer.router_leader:
             tensors["router.weight"] = layer.router.weight
+            tensors["router.shared_direction"] = layer.router.shared_direction
         for k, t in tensors.items():
             out[f"{name}.{k}"] = t.detach().to("cpu").contiguous()
     return out
@@ -146,7 +147,7 @@ def load_moe_adapter(model: nn.Module, adapter_dir: str | Path) -> MoECfg:
     missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or extra:
         raise ValueError(f"{w_path}: key mismatch; missing {missing[:5]}, unexpected {extra[:5]}")
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for k, v in weights.items():
             target = params[k]

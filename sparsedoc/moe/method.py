@@ -19,8 +19,9 @@ from sparsedoc.moe import losses
 from sparsedoc.moe.inject import (block_index, inject_lora_moe, moe_layers, routing_layers,
                                   save_moe_adapter)
 from sparsedoc.moe.memory_queue import MemoryQueue
+from sparsedoc.moe.router import TopKRouter
 from sparsedoc.moe.telemetry import RoutingStats
-from sparsedoc.train.distributed import all_gather_cat, all_reduce_sum
+from sparsedoc.train.distributed import all_gather_cat, all_reduce_sum, all_reduce_tensor
 from sparsedoc.train.method import Method, model_inputs
 
 log = logging.getLogger("sparsedoc")
@@ -37,7 +38,8 @@ def queue_bytes(model: nn.Module) -> int:
 
 
 def queues_in_sync(model: nn.Module) -> bool:
-    """Whether every data-parallel rank holds the same memory queues (collective call)."""
+    """Whether every data-parallel rank holds the same memory queues and calibrated router
+    directions (collective call)."""
     digest = torch.zeros(1, dtype=torch.float64)
     for i, q in enumerate(m for m in model.modules() if isinstance(m, MemoryQueue)):
         w = torch.arange(1, q.vectors[0].numel() + 1, dtype=torch.float64)
@@ -45,6 +47,8 @@ def queues_in_sync(model: nn.Module) -> bool:
             digest += (q.vectors[g].double().cpu().flatten() * w).sum() * (i + g + 1)
         digest += q.ptr.double().cpu().sum() * 7 + q.count.double().cpu().sum() * 13
         digest += q.labels.double().cpu().sum()
+    for i, r in enumerate(m for m in model.modules() if isinstance(m, TopKRouter)):
+        digest += r.shared_direction.double().cpu().sum() * (i + 3)  # calibration agrees too
     everyone = all_gather_cat(digest)
     return bool((everyone == everyone[0]).all())
 
@@ -69,6 +73,7 @@ class MoEMethod(Method):
     def build(self, model: nn.Module, cfg: Config) -> nn.Module:
         self.cfg, self.seed = cfg.adapter.moe, cfg.train.seed
         self.dispatch = resolve_dispatch(self.cfg.dispatch)
+        self.calibration_batches = self.cfg.router_calibration_batches
         self.base_model = resolve_model_path(cfg.model)
         inject_lora_moe(model, self.cfg, self.dispatch)
         # Found once: DeepSpeed wraps the model object, it does not replace its modules.
@@ -86,6 +91,35 @@ class MoEMethod(Method):
                  self.cfg.num_experts, self.cfg.top_k, self.cfg.r, self.dispatch,
                  self.cfg.contrastive, queue_bytes(model) / 2**20)
         return model
+
+    # ---- before the first step -----------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, engine, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Measure each router's mean input direction on ``batches`` (real tokens only, summed
+        over ranks) and project it out of the routing (router.py says why)."""
+        if not batches:
+            return
+        routers = [layer.router for _, layer in self.routers]
+        for r in routers:
+            r.start_calibration()
+        was_training = engine.module.training
+        engine.eval()
+        for batch in batches:
+            rows = batch["attention_mask"].reshape(-1).bool()
+            for r in routers:
+                r.calib_rows = rows
+            engine(**model_inputs(batch))
+        if was_training:
+            engine.train()
+
+        def reduce(total: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+            both = all_reduce_tensor(torch.cat([total, total.new_tensor([count])]))
+            return both[:-1], int(both[-1])
+
+        for r in routers:
+            r.finish_calibration(reduce)
+        log.info("LoRA-MoE: %d routers calibrated on %d batches per rank (shared input direction "
+                 "projected out)", len(routers), len(batches))
 
     # ---- one micro-batch --------------------------------------------------------------------
     def _sample_tokens(self, mask: torch.Tensor, step: int) -> torch.Tensor:

@@ -50,11 +50,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _comm_device() -> torch.device:
+    """NCCL only moves CUDA tensors; gloo takes CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks, returned on ``t``'s device (fp64 stays fp64)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    moved = t.detach().to(_comm_device()).contiguous()
+    dist.all_reduce(moved)
+    return moved.to(t.device)
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+    return all_reduce_tensor(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 def device() -> torch.device:
@@ -168,6 +181,7 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate a same-shaped tensor from every rank along dim 0, in rank order."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    moved = t.detach().to(_comm_device()).contiguous()
+    parts = [torch.empty_like(moved) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, moved)
+    return torch.cat(parts).to(t.device)

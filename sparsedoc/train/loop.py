@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import shutil
 import sys
 import time
@@ -117,6 +118,15 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
         step, epoch = state["step"], state["epoch"]
         batch_in_epoch, wandb_id = state["batch_in_epoch"], state.get("wandb_id", "")
         log.info("resumed from %s at step %d", resume_dir, step)
+
+    if resume_dir is None and method.calibration_batches:
+        # A seeded sample across the whole training set (files are often sorted by source or
+        # label); same sample on every rank, each rank takes its share. A resumed run restores
+        # its calibration from the checkpoint instead.
+        n = min(len(data.train), method.calibration_batches * cfg.train.micro_batch_size * world)
+        sample = random.Random(cfg.train.seed).sample(data.train, n)
+        calib = eval_batches(sample, collate, cfg.train.micro_batch_size, rank, world)
+        method.calibrate(engine, [_to_device(b, dev) for b in calib])
 
     # ---- run folder and loggers (rank 0) -----------------------------------------------------
     logger = NullLogger()

@@ -46,6 +46,7 @@ class Method:
 
     name = "base"
     exclude_frozen_in_checkpoint = True  # the frozen base is reloaded from its source on resume
+    calibration_batches = 0  # micro-batches per rank handed to ``calibrate`` (0: not called)
 
     def build(self, model: nn.Module, cfg: Config) -> nn.Module:
         raise NotImplementedError
@@ -54,6 +55,10 @@ class Method:
                      ) -> tuple[torch.Tensor, dict[str, float]]:
         out = engine(**model_inputs(batch))
         return out.loss, {}
+
+    def calibrate(self, engine, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Called once on every rank before the first step of a fresh (not resumed) run, with
+        a few training batches already on the device; data-dependent initialisation goes here."""
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called on every rank after each optimizer step, under no_grad."""
