@@ -6,6 +6,8 @@
     sparsedoc benchmark [...]                       step time / memory, side by side
     sparsedoc evaluate --model M --tasks T1,T2 [k=v] benchmark scores -> eval/<task>.json
     sparsedoc report RUN_DIR... [--out DIR]         mean +/- std table, CSV and chart over runs
+    sparsedoc generate MODEL --prompt TEXT [...]    reply to prompts (streamed, or --out JSONL)
+    sparsedoc chat MODEL [--system TEXT] [...]      interactive chat (/reset, /system, /exit)
     sparsedoc sweep {moe,lora,full,prompt} --out DIR --seeds 0,1,2 [--param K --values a,b]
 
 Training through this command runs in one process; for several GPUs or CPU ranks use the
@@ -56,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "report":
         from sparsedoc.eval.report import main as report_main
         return report_main(rest)
+    if cmd in ("generate", "chat"):
+        from sparsedoc import generate
+        return generate.generate_main(rest) if cmd == "generate" else generate.chat_main(rest)
     if cmd == "sweep":
         from sparsedoc.sweep import main as sweep_main
         return sweep_main(rest)

@@ -58,6 +58,10 @@ class LoraCfg:
 class MoECfg:
     """LoRA-MoE: E LoRA experts of rank r behind a learned top-k router per targeted linear."""
 
+    # linear: every targeted linear gets routed LoRA experts (SparseDoctor). ffn: a router per
+    # MLP picks whole LoRA-adapted FFN experts (MixLoRA) and the other targets get a plain LoRA;
+    # exports exactly as a stock Mixtral checkpoint.
+    mode: Literal["linear", "ffn"] = "linear"
     num_experts: int = 4
     top_k: int = 2
     r: int = 8
@@ -92,6 +96,14 @@ class MoECfg:
                               f"({self.num_experts}), got {self.top_k}")
         if self.r < 1:
             raise ConfigError(f"adapter.moe.r: expected a positive rank, got {self.r}")
+        if self.mode == "ffn" and self.top_k < 2:
+            raise ConfigError("adapter.moe.top_k: mode=ffn needs top_k >= 2 (its gates are "
+                              "renormalised over the chosen experts as in Mixtral, so with "
+                              f"top_k=1 every gate is 1 and the router gets no gradient); got "
+                              f"{self.top_k}")
+        if self.mode == "ffn" and (self.router_scope != "module" or self.shared_expert):
+            raise ConfigError("adapter.moe.mode=ffn has one router per MLP and no shared expert; "
+                              "set router_scope=module and shared_expert=false")
         if self.temperature <= 0:
             raise ConfigError(f"adapter.moe.temperature: expected > 0, got {self.temperature}")
         if self.queue_size < 1:

@@ -101,8 +101,8 @@ def load_records(files: list[str]) -> list[dict]:
     return records
 
 
-def prepare_data(cfg: DataCfg, tokenizer, seed: int, progress: bool = False) -> PreparedData:
-    """Read, split (if asked), tokenize and optionally pack the train and eval sets."""
+def split_records(cfg: DataCfg, seed: int) -> tuple[list[dict], list[dict]]:
+    """The run's (train, eval) records: ``eval_files``, or a seeded ``eval_fraction`` split."""
     train_records = load_records(cfg.train_files)
     if not train_records:
         raise ValueError(f"data.train_files {cfg.train_files}: no records")
@@ -114,6 +114,12 @@ def prepare_data(cfg: DataCfg, tokenizer, seed: int, progress: bool = False) -> 
         n_eval = max(1, int(len(order) * cfg.eval_fraction))
         eval_records = [train_records[i] for i in sorted(order[:n_eval])]
         train_records = [train_records[i] for i in sorted(order[n_eval:])]
+    return train_records, eval_records
+
+
+def prepare_data(cfg: DataCfg, tokenizer, seed: int, progress: bool = False) -> PreparedData:
+    """Read, split (if asked), tokenize and optionally pack the train and eval sets."""
+    train_records, eval_records = split_records(cfg, seed)
     labels = sorted({lab for r in train_records + eval_records if (lab := record_label(r))})
     label_vocab = {lab: i for i, lab in enumerate(labels)}
     kw = dict(max_seq_len=cfg.max_seq_len, system_prompt=cfg.system_prompt,

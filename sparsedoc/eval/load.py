@@ -109,7 +109,8 @@ def _load_checkpoint(ckpt: Path, dtype: torch.dtype, run_dir: Path | None):
             "path": str((run_dir or ckpt).resolve()), "checkpoint": str(ckpt.resolve()),
             "step": state.get("step"), "base_model": base_path, "seed": cfg.train.seed,
             "run_dir": str(run_dir.resolve()) if run_dir else str(ckpt.parents[1].resolve()),
-            "fingerprint": _fingerprint(weights)}
+            "fingerprint": _fingerprint(weights),
+            "adapter_dir": str(adapter_dir) if method != "full" else None}
     return model, tokenizer, info
 
 
@@ -125,7 +126,7 @@ def _load_adapter_folder(path: Path, dtype: torch.dtype):
     model, tokenizer, base_path = load_model_and_tokenizer(ModelCfg(name_or_path=base), dtype)
     model = _apply_adapter(model, method, path)
     info = {"kind": "adapter", "method": method, "path": str(path.resolve()),
-            "base_model": base_path, "fingerprint": _fingerprint([path])}
+            "base_model": base_path, "fingerprint": _fingerprint([path]), "adapter_dir": str(path)}
     return model, tokenizer, info
 
 
@@ -156,7 +157,8 @@ def load_for_eval(path: str, dtype: str = "auto", device: str = "auto"):
                                     f"checkpoint, an adapter folder or an HF model folder")
         model, tokenizer, base_path = load_model_and_tokenizer(ModelCfg(name_or_path=path),
                                                                torch_dtype)
-        info = {"kind": "hf", "method": "base", "path": base_path, "base_model": base_path,
+        method = "lora_moe" if model.config.model_type == "sparsedoc_lora_moe" else "base"
+        info = {"kind": "hf", "method": method, "path": base_path, "base_model": base_path,
                 "fingerprint": _fingerprint([Path(base_path)]) if Path(base_path).is_dir()
                 else base_path}
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else

@@ -16,8 +16,12 @@ import torch
 from torch import nn
 
 from sparsedoc.config import MoECfg
+from sparsedoc.moe.ffn import LoRALinear, LoRAMoEFFN
 from sparsedoc.moe.layer import LoRAMoELinear
 from sparsedoc.moe.router import TopKRouter
+
+MoEModule = (LoRAMoELinear, LoRAMoEFFN)
+ADAPTER_MODULES = (LoRAMoELinear, LoRAMoEFFN, LoRALinear)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -40,12 +44,16 @@ def block_index(name: str) -> int | None:
 
 
 def inject_lora_moe(model: nn.Module, cfg: MoECfg, dispatch: str = "dense") -> list[str]:
-    """Freeze ``model`` and wrap every targeted ``nn.Linear`` in a ``LoRAMoELinear``.
+    """Freeze ``model`` and wrap every targeted ``nn.Linear`` in a ``LoRAMoELinear`` (mode
+    ``linear``), or every MLP in a ``LoRAMoEFFN`` plus a plain LoRA on the other targets (mode
+    ``ffn``).
 
     Returns the wrapped module names. Raises if no module matches the targets.
     """
     for p in model.parameters():
         p.requires_grad_(False)
+    if cfg.mode == "ffn":
+        return _inject_ffn(model, cfg)
     names = [n for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and matches_target(n, cfg.target_modules)]
     if not names:
@@ -84,8 +92,51 @@ def inject_lora_moe(model: nn.Module, cfg: MoECfg, dispatch: str = "dense") -> l
     return names
 
 
-def moe_layers(model: nn.Module) -> list[tuple[str, LoRAMoELinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRAMoELinear)]
+def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _is_llama_mlp(m: nn.Module) -> bool:
+    return all(isinstance(getattr(m, p, None), nn.Linear)
+               for p in ("gate_proj", "up_proj", "down_proj")) and hasattr(m, "act_fn")
+
+
+def _inject_ffn(model: nn.Module, cfg: MoECfg) -> list[str]:
+    """FFN-expert mode: every Llama-style MLP becomes a ``LoRAMoEFFN``; the targets outside the
+    MLPs (by default q/k/v/o) get a plain ``LoRALinear``."""
+    mlps = [n for n, m in model.named_modules() if _is_llama_mlp(m)]
+    if not mlps:
+        raise ValueError("adapter.moe.mode=ffn: no Llama-style MLP (gate_proj, up_proj, "
+                         "down_proj, act_fn) found in this model")
+    inside = tuple(n + "." for n in mlps)
+    others = [n for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and matches_target(n, cfg.target_modules)
+              and not n.startswith(inside)]
+    queue = cfg.queue_size if cfg.contrastive == "expert" else 0
+    for name in mlps:
+        mlp = model.get_submodule(name)
+        layer = LoRAMoEFFN(mlp, cfg.num_experts, cfg.top_k, cfg.r, cfg.alpha, cfg.dropout,
+                           cfg.router_jitter, queue)
+        if mlp.gate_proj.weight.device.type != "meta":
+            layer.to(mlp.gate_proj.weight.device)
+        _set_child(model, name, layer)
+    for name in others:
+        base = model.get_submodule(name)
+        lora = LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout)
+        if base.weight.device.type != "meta":
+            lora.to(base.weight.device)
+        _set_child(model, name, lora)
+    return mlps + others
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The routed modules (``LoRAMoELinear`` or ``LoRAMoEFFN``), in model order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoEModule)]
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
 def routing_layers(model: nn.Module) -> list[tuple[str, LoRAMoELinear]]:
@@ -96,15 +147,10 @@ def routing_layers(model: nn.Module) -> list[tuple[str, LoRAMoELinear]]:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Expert and router weights by module name (queues excluded), as contiguous CPU tensors."""
     out = {}
-    for name, layer in moe_layers(model):
-        tensors = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
-        if layer.shared_A is not None:
-            tensors.update(shared_A=layer.shared_A, shared_B=layer.shared_B)
-        if layer.router_leader:
-            tensors["router.weight"] = layer.router.weight
-            tensors["router.shared_direction"] = layer.router.shared_direction
-        for k, t in tensors.items():
-            out[f"{name}.{k}"] = t.detach().to("cpu").contiguous()
+    for name, layer in model.named_modules():
+        if isinstance(layer, ADAPTER_MODULES):
+            for k, t in layer.adapter_tensors().items():
+                out[f"{name}.{k}"] = t.detach().to("cpu").contiguous()
     return out
 
 
@@ -117,7 +163,7 @@ def save_moe_adapter(model: nn.Module, out_dir: str | Path, cfg: MoECfg, base_mo
     save_file(adapter_state_dict(model), out_dir / ADAPTER_WEIGHTS)
     meta = {"format": "sparsedoc-lora-moe", "version": 1, "base_model": base_model,
             "dispatch": dispatch, "moe": asdict(cfg),
-            "modules": [n for n, _ in moe_layers(model)]}
+            "modules": [n for n, m in model.named_modules() if isinstance(m, ADAPTER_MODULES)]}
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
 
 
@@ -135,7 +181,8 @@ def load_moe_adapter(model: nn.Module, adapter_dir: str | Path) -> MoECfg:
             raise FileNotFoundError(f"{p}: missing; not a sparsedoc LoRA-MoE adapter folder")
     meta = json.loads(cfg_path.read_text())
     cfg = MoECfg(**meta["moe"])
-    names = inject_lora_moe(model, cfg, dispatch=meta.get("dispatch", "dense"))
+    inject_lora_moe(model, cfg, dispatch=meta.get("dispatch", "dense"))
+    names = [n for n, m in model.named_modules() if isinstance(m, ADAPTER_MODULES)]
     if names != meta["modules"]:
         raise ValueError(f"{cfg_path}: adapter was trained on modules {meta['modules'][:3]}..., "
                          f"this model gives {names[:3]}...")

@@ -164,6 +164,23 @@ class LoRAMoELinear(nn.Module):
         reprs = torch.einsum("nkri,ni->nkr", A_sel, hd[idx])
         return reprs, experts
 
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """What an adapter file holds for this layer (the memory queue is training state)."""
+        out = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.shared_A is not None:
+            out.update(shared_A=self.shared_A, shared_B=self.shared_B)
+        if self.router_leader:
+            out["router.weight"] = self.router.weight
+            out["router.shared_direction"] = self.router.shared_direction
+        return out
+
+    @torch.no_grad()
+    def shared_delta_weight(self) -> torch.Tensor | None:
+        """Dense ``s * B_shared A_shared`` of the always-on expert (None without one)."""
+        if self.shared_A is None:
+            return None
+        return self.scaling * (self.shared_B @ self.shared_A)
+
     @torch.no_grad()
     def delta_weight(self, expert: int) -> torch.Tensor:
         """Dense ``s * B_e A_e`` (out, in) of one expert, for merges and exports."""

@@ -1,0 +1,483 @@
+"""Exports: a checkpoint people can load, share and serve, proven equal to the trained model.
+
+    sparsedoc export RUN_OR_CHECKPOINT_OR_ADAPTER OUT [--mode auto|merged|routed|mixtral|dense]
+                     [--dtype fp32|bf16|fp16] [--force] [--data FILE.jsonl ...]
+
+``auto`` picks ``merged`` for LoRA and full fine-tunes, ``mixtral`` for an FFN-expert LoRA-MoE
+and ``routed`` for a per-linear LoRA-MoE (``build.py`` describes each). Every export:
+
+1. loads the trained model exactly as evaluation does (``sparsedoc.eval.load.load_for_eval``:
+   a run's latest checkpoint, a given step, or an adapter folder; ZeRO shards consolidated with
+   DeepSpeed's ``zero_to_fp32``);
+2. builds the exported model in fp32 and, for the exact modes, checks its logits (tolerance
+   ``EXACT_ATOL``) and greedy continuations against the trained model before writing anything;
+3. writes it (sharded safetensors, config, tokenizer with its chat template, generation config)
+   into a temporary sibling folder, reloads that folder with the loader a user would use, and
+   checks every tensor bit for bit against the in-memory export and the logits and greedy
+   continuations end to end;
+4. only then adds ``export_metadata.json`` and the model card and renames the folder into place.
+
+A failed check raises ``ExportError`` and leaves nothing at the target; the CLI exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from sparsedoc.export.build import (ExportError, build_dense, build_merged, build_mixtral,
+                                    build_routed, measure_gate_means)
+from sparsedoc.export.verify import (EXACT_ATOL, compare_weights, fp32_exact, greedy_tokens)
+
+log = logging.getLogger("sparsedoc")
+
+MODES = ("auto", "merged", "routed", "mixtral", "dense")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+METADATA = "export_metadata.json"
+
+
+class VerificationError(ExportError):
+    """The export was built but is not the trained model (CLI exit code 1; bad input: 2)."""
+
+# Used for verification when the source carries no data (a bare adapter folder).
+FALLBACK_PROMPTS = [
+    "What are the first-line treatments for community-acquired pneumonia in adults?",
+    "A 62-year-old man has crushing chest pain radiating to the left arm. What should be done?",
+    "高血压患者日常生活中应注意哪些方面？",
+    "Summarise the warning signs of stroke for a patient leaflet.",
+]
+
+
+@dataclass
+class ExportOptions:
+    mode: str = "auto"
+    dtype: str = "fp32"
+    force: bool = False
+    data: list[str] = field(default_factory=list)  # JSONL records when the source has no run data
+    max_shard_size: str = "2GB"
+    samples: int = 4  # sequences whose logits are compared
+    sample_tokens: int = 128  # tokens per compared sequence
+    greedy_new_tokens: int = 16
+    atol: float = EXACT_ATOL
+    calib_batches: int = 8  # dense: batches of 8 records whose mean gates are merged
+    gap_records: int = 64  # dense: held-out records the quality gap is measured on
+    device: str = "cpu"
+
+
+# ---- the target folder ---------------------------------------------------------------------------
+def check_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out}: folder exists and is not empty; pass --force to replace it "
+                          f"(it is only replaced once the new export has verified)")
+
+
+def _temp_sibling(out: Path) -> Path:
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move ``tmp`` to ``out``; an old ``out`` (``--force``) is set aside first and deleted last,
+    so a crash in between leaves either the old or the new export, never a mixture."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- what was trained --------------------------------------------------------------------------
+def _load_source(src: str, device: str):
+    from sparsedoc.eval.load import load_for_eval
+
+    try:
+        return load_for_eval(src, dtype="fp32", device=device)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ExportError(f"{src}: cannot load the trained model: {e}") from None
+    except Exception as e:  # corrupt weight files surface as safetensors / torch errors
+        if "safetensor" in type(e).__name__.lower() or "header" in str(e).lower():
+            raise ExportError(f"{src}: a weight file is unreadable or corrupt ({e})") from None
+        raise
+
+
+def _moe_cfg(model, info: dict):
+    from sparsedoc.config import MoECfg
+
+    if info.get("adapter_dir") and info["method"] == "lora_moe":
+        meta = json.loads((Path(info["adapter_dir"]) / "adapter_config.json").read_text())
+        return MoECfg(**meta["moe"])
+    if getattr(model.config, "sparsedoc_moe", None):
+        return MoECfg(**model.config.sparsedoc_moe)
+    return None
+
+
+def resolve_mode(mode: str, method: str, moe_cfg) -> str:
+    if method == "prompt":
+        raise ExportError("prompt tuning keeps a soft prompt that no merged checkpoint can hold; "
+                          "share the adapter folder (checkpoints/step-N/adapter, loads with peft)")
+    if method == "base":
+        raise ExportError("the source is a plain model without anything trained to export")
+    if mode == "auto":
+        if method in ("lora", "full"):
+            return "merged"
+        return "mixtral" if moe_cfg is not None and moe_cfg.mode == "ffn" else "routed"
+    allowed = {"lora": ("merged",), "full": ("merged",),
+               "lora_moe": ("routed", "mixtral", "dense")}[method]
+    if mode not in allowed:
+        raise ExportError(f"--mode {mode} does not apply to a {method} model; choose from "
+                          f"{', '.join(allowed)}")
+    return mode
+
+
+def _run_config(info: dict):
+    from sparsedoc.config import load_config
+
+    ckpt = info.get("checkpoint")
+    if ckpt and (Path(ckpt) / "config.yaml").is_file():
+        return load_config(Path(ckpt) / "config.yaml")
+    return None
+
+
+def _records(info: dict, data: list[str]) -> tuple[list[dict], list[dict], object]:
+    """(calibration records, held-out records, run config or None)."""
+    from sparsedoc.data.dataset import load_records, split_records
+
+    cfg = _run_config(info)
+    if data:
+        records = load_records(data)
+        return records, records, cfg
+    if cfg is not None:
+        try:
+            train, held_out = split_records(cfg.data, cfg.train.seed)
+            return train, held_out or train, cfg
+        except (FileNotFoundError, ValueError) as e:
+            log.warning("the run's data is not readable here (%s); verifying on built-in "
+                        "prompts", e)
+    return [], [], cfg
+
+
+def _tokenize(records: list[dict], tokenizer, cfg, max_len: int):
+    from sparsedoc.data.tokenize import tokenize_records
+
+    rows, _ = tokenize_records(records, tokenizer, max_seq_len=max_len,
+                               system_prompt=cfg.data.system_prompt if cfg else "")
+    return rows
+
+
+def _prompt_ids(tokenizer, text: str) -> list[int]:
+    enc = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                        add_generation_prompt=True, tokenize=True)
+    return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+
+
+def verification_inputs(records: list[dict], tokenizer, cfg, n: int, max_len: int
+                        ) -> tuple[list[list[int]], list[list[int]]]:
+    """(sequences for the logit comparison, prompts for the greedy comparison)."""
+    rows = _tokenize(records[:n], tokenizer, cfg, max_len) if records else []
+    sequences = [r.input_ids for r in rows]
+    prompts = []
+    for r in records[:n]:
+        users = [m["content"] for m in r.get("messages", []) if m["role"] == "user"]
+        text = users[0] if users else r.get("question")
+        if text:
+            prompts.append(_prompt_ids(tokenizer, text)[-max_len:])
+    if not sequences:
+        sequences = [_prompt_ids(tokenizer, p)[-max_len:] for p in FALLBACK_PROMPTS[:n]]
+    if not prompts:
+        prompts = [_prompt_ids(tokenizer, p)[-max_len:] for p in FALLBACK_PROMPTS[:n]]
+    return sequences, prompts
+
+
+# ---- dense gap ------------------------------------------------------------------------------------
+@torch.no_grad()
+def measure_gap(routed, dense, tokenizer, records: list[dict], cfg, max_len: int) -> dict:
+    """How far the dense approximation is from the routed model on held-out records: logit
+    differences over real tokens, perplexity on the target tokens, and MCQ accuracy."""
+    from sparsedoc.config import EvalCfg
+    from sparsedoc.data.collate import PadCollator
+    from sparsedoc.data.dataset import eval_batches
+    from sparsedoc.eval.mcq import is_closed_qa, mcq_item, score_mcq, summarize
+
+    rows = _tokenize(records, tokenizer, cfg, max_len)
+    batches = eval_batches(rows, PadCollator(tokenizer.pad_token_id, {}), 8, 0, 1)
+    max_d, sum_d, n_tok = 0.0, 0.0, 0
+    nll = {"routed": 0.0, "dense": 0.0}
+    n_target = 0
+    with fp32_exact():
+        for b in batches:
+            mask = b["attention_mask"].bool()
+            logits = {}
+            for name, m in (("routed", routed), ("dense", dense)):
+                dev = next(m.parameters()).device
+                logits[name] = m(input_ids=b["input_ids"].to(dev),
+                                 attention_mask=b["attention_mask"].to(dev),
+                                 use_cache=False).logits.float().cpu()
+            d = (logits["routed"] - logits["dense"]).abs()[mask]
+            max_d, sum_d, n_tok = max(max_d, float(d.max())), sum_d + float(d.sum()), \
+                n_tok + d.numel()
+            labels = b["labels"][:, 1:]
+            keep = labels != -100
+            for name, lg in logits.items():
+                lp = lg[:, :-1].log_softmax(-1).gather(-1, labels.clamp_min(0).unsqueeze(-1))
+                nll[name] += float(-lp.squeeze(-1)[keep].sum())
+            n_target += int(keep.sum())
+    items = [mcq_item(r) for r in records if "options" in r or is_closed_qa(r)]
+    acc = {"routed": None, "dense": None}
+    if items:
+        ecfg = EvalCfg(prompt_format="chat", batch_size=8)
+        for name, m in (("routed", routed), ("dense", dense)):
+            preds, _ = score_mcq(m, tokenizer, items, "loglik", ecfg)
+            acc[name] = summarize(items, preds, "loglik")["accuracy"]
+    ppl = {k: float(torch.tensor(v / max(n_target, 1)).exp()) for k, v in nll.items()}
+    return {"eval_records": len(rows), "target_tokens": n_target,
+            "max_abs_logit_diff": max_d, "mean_abs_logit_diff": sum_d / max(n_tok, 1),
+            "ppl_routed": ppl["routed"], "ppl_dense": ppl["dense"],
+            "mcq_items": len(items), "mcq_acc_routed": acc["routed"],
+            "mcq_acc_dense": acc["dense"]}
+
+
+# ---- the export ------------------------------------------------------------------------------------
+def _reload(tmp: Path, mode: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    import sparsedoc.moe.hf  # noqa: F401  (routed: the registered class, no remote code)
+
+    model, info = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=dtype,
+                                                       output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys",
+                                                         "mismatched_keys")}
+    if bad:
+        raise ExportError(f"{tmp}: the written folder does not load cleanly: {bad}")
+    expected = {"routed": "SparsedocMoEForCausalLM", "mixtral": "MixtralForCausalLM"}.get(mode)
+    if expected and type(model).__name__ != expected:
+        raise ExportError(f"{tmp}: loads as {type(model).__name__}, expected {expected}")
+    return model.eval()
+
+
+def _logit_check(expected: list[torch.Tensor], model, samples: list[list[int]]) -> dict:
+    from sparsedoc.export.verify import _logits
+
+    with fp32_exact(), torch.no_grad():
+        got = [_logits(model, ids) for ids in samples]
+    d = [(a - b).abs() for a, b in zip(expected, got)]
+    return {"max_abs_logit_diff": max(float(x.max()) for x in d),
+            "mean_abs_logit_diff": sum(float(x.sum()) for x in d) / sum(x.numel() for x in d)}
+
+
+def _greedy_check(expected: list[list[int]], model, tokenizer, prompts, n_new: int) -> dict:
+    got = greedy_tokens(model, tokenizer, prompts, n_new)
+    same = [a == b for a, b in zip(expected, got)]
+    return {"greedy_match": all(same), "greedy_prompts_matching": sum(same),
+            "greedy_prompts": len(prompts)}
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def export(src: str | Path, out: str | Path, opts: ExportOptions | None = None) -> dict:
+    """Export ``src`` (run, checkpoint or adapter folder) to ``out``; returns the metadata.
+
+    Raises ``ExportError`` on bad input or failed verification, leaving ``out`` untouched."""
+    opts = opts or ExportOptions()
+    if opts.dtype not in DTYPES:
+        raise ExportError(f"--dtype {opts.dtype}: expected one of {', '.join(DTYPES)}")
+    if opts.mode not in MODES:
+        raise ExportError(f"--mode {opts.mode}: expected one of {', '.join(MODES)}")
+    out = Path(out)
+    check_target(out, opts.force)
+    t0 = time.perf_counter()
+    dtype = DTYPES[opts.dtype]
+    model, tokenizer, info = _load_source(str(src), opts.device)
+    moe_cfg = _moe_cfg(model, info)
+    mode = resolve_mode(opts.mode, info["method"], moe_cfg)
+    if mode == "mixtral" and moe_cfg is not None and moe_cfg.mode != "ffn":
+        raise ExportError("mode mixtral needs an FFN-expert LoRA-MoE (adapter.moe.mode=ffn); "
+                          "this one routes every linear (mode=linear); use --mode routed or "
+                          "dense")
+    calib_records, held_out, run_cfg = _records(info, opts.data)
+    samples, prompts = verification_inputs(held_out, tokenizer, run_cfg, opts.samples,
+                                            opts.sample_tokens)
+    log.info("export %s (%s) -> %s as %s, %s", src, info["method"], out, mode, opts.dtype)
+
+    with fp32_exact(), torch.no_grad():
+        from sparsedoc.export.verify import _logits
+        trained_logits = [_logits(model, ids) for ids in samples]
+    trained_greedy = greedy_tokens(model, tokenizer, prompts, opts.greedy_new_tokens)
+
+    gap = None
+    if mode == "dense":
+        if not calib_records:
+            raise ExportError("mode dense measures the mean gates and the quality gap on data: "
+                              "export a run whose data files are readable here, or pass --data "
+                              "FILE.jsonl")
+        from sparsedoc.data.collate import PadCollator
+        from sparsedoc.data.dataset import eval_batches
+
+        pick = random.Random(0).sample(calib_records, min(len(calib_records),
+                                                          8 * opts.calib_batches))
+        rows = _tokenize(pick, tokenizer, run_cfg, opts.sample_tokens * 4)
+        calib = eval_batches(rows, PadCollator(tokenizer.pad_token_id, {}), 8, 0, 1)
+        built = build_dense(model, measure_gate_means(model, calib))
+        gap = measure_gap(model, built, tokenizer, held_out[:opts.gap_records], run_cfg,
+                          opts.sample_tokens * 4)
+        gap["calibration_records"] = len(rows)
+        # the file must reproduce the dense model; its distance to the routed one is the gap
+        with fp32_exact(), torch.no_grad():
+            expected_logits = [_logits(built, ids) for ids in samples]
+        expected_greedy = greedy_tokens(built, tokenizer, prompts, opts.greedy_new_tokens)
+        reference = "in-memory dense approximation (fp32)"
+    else:
+        built = {"merged": lambda: build_merged(model, info["method"]),
+                 "routed": lambda: build_routed(model, moe_cfg),
+                 "mixtral": lambda: build_mixtral(model, moe_cfg)}[mode]()
+        expected_logits, expected_greedy = trained_logits, trained_greedy
+        reference = f"training-time model ({info['method']}, fp32)"
+
+    checks: dict = {"reference": reference, "tolerance": opts.atol, "dtype": opts.dtype,
+                    "samples": len(samples), "sample_tokens": sum(map(len, samples))}
+    failures = []
+    if mode != "dense":  # 1. the in-memory export is the trained model
+        pre = _logit_check(expected_logits, built, samples)
+        pre.update(_greedy_check(expected_greedy, built, tokenizer, prompts,
+                                 opts.greedy_new_tokens))
+        checks["in_memory"] = pre
+        if pre["max_abs_logit_diff"] > opts.atol:
+            failures.append(f"in-memory export differs from the trained model: max |logit "
+                            f"diff| {pre['max_abs_logit_diff']:.3g} > {opts.atol:g}")
+        if not pre["greedy_match"]:
+            failures.append("in-memory export's greedy continuations differ from the trained "
+                            "model's")
+    if failures:
+        raise VerificationError("verification failed before writing: " + "; ".join(failures))
+
+    tmp = _temp_sibling(out)
+    try:
+        built = built.to(dtype)
+        gen = getattr(model, "generation_config", None)  # the base model's sampling defaults
+        if gen is not None:
+            built.generation_config = copy.deepcopy(gen)
+        built.save_pretrained(str(tmp), max_shard_size=opts.max_shard_size,
+                              safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        # 2. the folder on disk holds exactly the in-memory export
+        reloaded = _reload(tmp, mode, dtype)
+        checks["weights"] = compare_weights(built, reloaded, dtype)
+        if not checks["weights"]["weights_equal"]:
+            failures.append(f"written weights differ from the in-memory export: "
+                            f"{checks['weights']}")
+        # 3. end to end: the reloaded folder against the trained (or dense) reference
+        reloaded = reloaded.float()
+        end = _logit_check(expected_logits, reloaded, samples)
+        end.update(_greedy_check(expected_greedy, reloaded, tokenizer, prompts,
+                                 opts.greedy_new_tokens))
+        checks["reloaded"] = end
+        if dtype == torch.float32:
+            if end["max_abs_logit_diff"] > opts.atol:
+                failures.append(f"reloaded export differs: max |logit diff| "
+                                f"{end['max_abs_logit_diff']:.3g} > {opts.atol:g}")
+            if not end["greedy_match"]:
+                failures.append("reloaded export's greedy continuations differ")
+        else:
+            checks["note"] = (f"{opts.dtype} export: the merge is checked in fp32 and the saved "
+                              f"tensors bit for bit; the end-to-end logit difference is the "
+                              f"{opts.dtype} rounding and is reported, not enforced")
+        checks["passed"] = not failures
+        if failures:
+            raise VerificationError("verification failed: " + "; ".join(failures))
+        meta = {"format": "sparsedoc-export", "version": 1, "mode": mode,
+                "method": info["method"], "source": str(Path(src).resolve()),
+                "step": info.get("step"), "base_model": info.get("base_model"),
+                "dtype": opts.dtype, "approximate": mode == "dense",
+                "adapter_config": asdict(moe_cfg) if moe_cfg else None,
+                "verification": checks, "dense_gap": gap,
+                "export_seconds": round(time.perf_counter() - t0, 2)}
+        meta["size_bytes"] = _folder_bytes(tmp)
+        (tmp / METADATA).write_text(json.dumps(meta, indent=2, default=str))
+        _write_card(tmp, meta, info)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _write_card(folder: Path, meta: dict, info: dict) -> None:
+    from sparsedoc.export.card import collect_lineage, write_model_card
+
+    card = dict(meta)
+    card["lineage"] = collect_lineage(Path(info.get("checkpoint") or info.get("path")))
+    write_model_card(folder, card)
+
+
+# ---- command line ----------------------------------------------------------------------------------
+def summary_lines(meta: dict) -> list[str]:
+    v = meta["verification"]
+    end = v["reloaded"]
+    lines = [f"mode {meta['mode']} ({meta['method']}), {meta['dtype']}, "
+             f"{meta['size_bytes'] / 2**20:.1f} MiB, {meta['export_seconds']:.1f} s",
+             f"verified against {v['reference']}: max |logit diff| "
+             f"{end['max_abs_logit_diff']:.3g}, mean {end['mean_abs_logit_diff']:.3g} over "
+             f"{v['samples']} sequences ({v['sample_tokens']} tokens), tolerance {v['tolerance']:g}; "
+             f"greedy {end['greedy_prompts_matching']}/{end['greedy_prompts']} prompts identical; "
+             f"weights bit-identical: {v['weights']['weights_equal']}"]
+    g = meta.get("dense_gap")
+    if g:
+        def f(x, spec=".2f"):
+            return "n/a" if x is None else format(x, spec)
+        lines.append(
+            f"APPROXIMATE (dense expected-gate merge) vs the routed model on "
+            f"{g['eval_records']} held-out records: max |logit diff| {g['max_abs_logit_diff']:.3g}"
+            f", mean {g['mean_abs_logit_diff']:.3g}; perplexity {f(g['ppl_routed'], '.3f')} "
+            f"routed -> {f(g['ppl_dense'], '.3f')} dense; MCQ accuracy ({g['mcq_items']} items) "
+            f"{f(g['mcq_acc_routed'], '.1f')}% -> {f(g['mcq_acc_dense'], '.1f')}%")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sparsedoc export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="training run folder, checkpoint folder (checkpoints/step-N) "
+                                  "or adapter folder")
+    p.add_argument("out", help="export folder to create")
+    p.add_argument("--mode", default="auto", choices=MODES)
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--data", nargs="*", default=[],
+                   help="unified-schema JSONL for verification / dense calibration when the "
+                        "source has no readable run data")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--atol", type=float, default=EXACT_ATOL)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the model is loaded in fp32)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    opts = ExportOptions(mode=args.mode, dtype=args.dtype, force=args.force, data=args.data,
+                         max_shard_size=args.max_shard_size, samples=args.samples,
+                         atol=args.atol, device=args.device)
+    try:
+        meta = export(args.source, args.out, opts)
+    except ExportError as e:
+        print(f"export FAILED: {e}", file=sys.stderr)
+        return 1 if isinstance(e, VerificationError) else 2
+    for line in summary_lines(meta):
+        print(line)
+    print(f"export verified and written to {Path(args.out).resolve()}")
+    return 0

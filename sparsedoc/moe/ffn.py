@@ -1,0 +1,171 @@
+"""FFN-expert mode (MixLoRA-style): a router per MLP block picks k whole LoRA-adapted FFN experts.
+
+Expert e is the frozen MLP with its own LoRA on each projection::
+
+    FFN_e(x) = (W_d + s B^d_e A^d_e) [ act((W_g + s B^g_e A^g_e) x) * ((W_u + s B^u_e A^u_e) x) ]
+    y = sum_{e in topk(x)} g_e(x) FFN_e(x),     gates renormalised over the chosen k (Mixtral)
+
+Because each expert is a whole FFN, the model is exactly a Mixtral sparse-MoE block whose expert
+weights are ``base + LoRA delta`` and whose gate is the router: ``sparsedoc.export`` writes it as a
+stock ``MixtralForCausalLM``. The gates must sum to one for B=0 to give the base MLP back, hence
+top-k >= 2 with renormalisation (top-1 would make every gate 1 and leave the router no LM-loss
+gradient). The attention projections get a plain LoRA (``LoRALinear``), which merges exactly.
+
+Dispatch is grouped: the frozen gate/up projections run once over all tokens, then each expert
+adds its low-rank terms on its own tokens; the frozen down projection runs once over all
+(token, expert) rows. Dense dispatch would run all E FFNs for every token, E/k times the work.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sparsedoc.moe.memory_queue import MemoryQueue
+from sparsedoc.moe.router import RouterOutput, TopKRouter
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear plus one plain LoRA, ``y = W x + s B A dropout(x)`` (peft's maths)."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.scaling = r, alpha / r
+        dtype = base_layer.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lora_dropout(x).to(self.lora_A.dtype)
+        delta = (h @ self.lora_A.t()) @ self.lora_B.t()
+        return self.base_layer(x) + (self.scaling * delta).to(x.dtype)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+
+PROJ = ("gate", "up", "down")
+
+
+class LoRAMoEFFN(nn.Module):
+    """Replaces a Llama-style MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``) with E
+    routed LoRA-adapted copies of it (see module docstring). Exposes the same routing attributes
+    as ``LoRAMoELinear`` (``router``, ``last_routing``, ``queue``...) so losses, telemetry and the
+    memory queue treat both modes alike."""
+
+    router_leader = True
+
+    def __init__(self, mlp: nn.Module, num_experts: int, top_k: int, r: int, alpha: float,
+                 dropout: float = 0.0, router_jitter: float = 0.0, queue_size: int = 0):
+        super().__init__()
+        if top_k < 2:
+            raise ValueError("FFN-expert mode needs top_k >= 2 (gates are renormalised over the "
+                             "chosen experts, Mixtral-style)")
+        for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
+            if not hasattr(mlp, name):
+                raise ValueError(f"FFN-expert mode wraps Llama-style MLPs; {type(mlp).__name__} "
+                                 f"has no {name}")
+        self.base_mlp = mlp
+        for p in mlp.parameters():
+            p.requires_grad_(False)
+        hidden, inter = mlp.gate_proj.in_features, mlp.gate_proj.out_features
+        self.hidden_size, self.intermediate_size = hidden, inter
+        self.num_experts, self.top_k, self.r = num_experts, top_k, r
+        self.scaling = alpha / r
+        dtype = mlp.gate_proj.weight.dtype
+        shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+        for p, (out_f, in_f) in shapes.items():
+            A = nn.Parameter(torch.empty(num_experts, r, in_f, dtype=dtype))
+            for e in range(num_experts):
+                nn.init.kaiming_uniform_(A.data[e], a=math.sqrt(5))
+            setattr(self, f"lora_A_{p}", A)
+            setattr(self, f"lora_B_{p}", nn.Parameter(torch.zeros(num_experts, out_f, r,
+                                                                  dtype=dtype)))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.router = TopKRouter(hidden, num_experts, top_k, router_jitter)
+        self.queue = MemoryQueue(num_experts, queue_size, r) if queue_size > 0 else None
+        self.last_routing: RouterOutput | None = None
+        self.contrast_index: torch.Tensor | None = None
+        self.last_contrast: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def extra_repr(self) -> str:
+        return (f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+                f"experts={self.num_experts}, top_k={self.top_k}, r={self.r}")
+
+    def _lora(self, p: str, e: int, h: torch.Tensor) -> torch.Tensor:
+        A, B = getattr(self, f"lora_A_{p}")[e], getattr(self, f"lora_B_{p}")[e]
+        return self.scaling * ((h @ A.t()) @ B.t())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.base_mlp
+        batch_shape = tuple(x.shape[:-1])
+        h = x.reshape(-1, self.hidden_size)
+        routing = self.router.route(x)
+        self.last_routing = routing
+        T, k = routing.top_idx.shape
+        # (token, expert) rows sorted by expert, so each expert's rows are one contiguous slice
+        flat_expert = routing.top_idx.reshape(-1)
+        order = flat_expert.argsort(stable=True)
+        tok = torch.arange(T, device=x.device).repeat_interleave(k)[order]
+        gates = routing.top_gates.reshape(-1)[order]
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
+        base_g, base_u = mlp.gate_proj(h), mlp.up_proj(h)  # once per token, shared by experts
+        hd = self.lora_dropout(h).to(self.lora_A_gate.dtype)
+        g_rows, u_rows, spans, start = [], [], [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            t = tok[start:start + n]
+            g_rows.append(base_g[t] + self._lora("gate", e, hd[t]).to(base_g.dtype))
+            u_rows.append(base_u[t] + self._lora("up", e, hd[t]).to(base_u.dtype))
+            spans.append((e, start, n))
+            start += n
+        act = mlp.act_fn(torch.cat(g_rows)) * torch.cat(u_rows)  # (T*k, inter)
+        act_d = self.lora_dropout(act).to(self.lora_A_down.dtype)
+        down = mlp.down_proj(act)  # one call over all rows (ZeRO-3 gathers W_d once)
+        down = down + torch.cat([self._lora("down", e, act_d[s:s + n]) for e, s, n in spans]
+                                ).to(down.dtype)
+        out = h.new_zeros(T, self.hidden_size)
+        out = out.index_add(0, tok, down * gates.unsqueeze(-1).to(down.dtype))
+        if self.contrast_index is not None and self.training:
+            self.last_contrast = self._contrast_repr(hd, routing)
+        return out.view(*batch_shape, self.hidden_size)
+
+    def _contrast_repr(self, hd: torch.Tensor, routing: RouterOutput
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chosen experts' gate down-projections ``A^g_e x`` of the sampled tokens."""
+        idx = self.contrast_index.to(hd.device)
+        idx = idx[idx < hd.shape[0]]
+        experts = routing.top_idx[idx]
+        reprs = torch.einsum("nkri,ni->nkr", self.lora_A_gate[experts], hd[idx])
+        return reprs, experts
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"lora_{ab}_{p}": getattr(self, f"lora_{ab}_{p}") for p in PROJ for ab in "AB"}
+        out["router.weight"] = self.router.weight
+        out["router.shared_direction"] = self.router.shared_direction
+        return out
+
+    @torch.no_grad()
+    def delta_weight(self, proj: str, expert: int) -> torch.Tensor:
+        """Dense ``s * B_e A_e`` of one projection ("gate", "up", "down") of one expert."""
+        return self.scaling * (getattr(self, f"lora_B_{proj}")[expert]
+                               @ getattr(self, f"lora_A_{proj}")[expert])
+
+    @torch.no_grad()
+    def expert_weights(self, expert: int) -> dict[str, torch.Tensor]:
+        """Full (gate, up, down) weights of one expert: frozen weight + its LoRA delta."""
+        return {p: getattr(self.base_mlp, f"{p}_proj").weight + self.delta_weight(p, expert)
+                for p in PROJ}
