@@ -9,6 +9,7 @@
     sparsedoc generate MODEL --prompt TEXT [...]    reply to prompts (streamed, or --out JSONL)
     sparsedoc chat MODEL [--system TEXT] [...]      interactive chat (/reset, /system, /exit)
     sparsedoc sweep {moe,lora,full,prompt} --out DIR --seeds 0,1,2 [--param K --values a,b]
+    sparsedoc export SOURCE OUT [--mode M] [--dtype D] [--force]   verified, servable export
 
 Training through this command runs in one process; for several GPUs or CPU ranks use the
 ``deepspeed`` launcher on ``recipes/train_*.py`` as the README shows.
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd in ("generate", "chat"):
         from sparsedoc import generate
         return generate.generate_main(rest) if cmd == "generate" else generate.chat_main(rest)
+    if cmd == "export":
+        from sparsedoc.export import main as export_main
+        return export_main(rest)
     if cmd == "sweep":
         from sparsedoc.sweep import main as sweep_main
         return sweep_main(rest)

@@ -58,12 +58,14 @@ def _end_of_turn_id(tokenizer) -> int | None:
     """The token the chat template closes an assistant turn with (``<|im_end|>``, Llama-3's
     ``<|eot_id|>``, Gemma's ``<end_of_turn>``). Often it is not EOS, and without it a reply runs
     on into a made-up next turn. Found by rendering a probe reply and reading what follows."""
+    from jinja2 import TemplateError
+
     if not getattr(tokenizer, "chat_template", None):
         return None
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
     try:
         text = tokenizer.apply_chat_template(probe, tokenize=False)
-    except Exception:  # a template with strict role rules may reject the probe: EOS only then
+    except (TemplateError, ValueError):  # strict role rules may reject the probe: EOS only then
         return None
     _, found, tail = text.partition(_PROBE)
     ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if found else []

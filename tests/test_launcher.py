@@ -95,6 +95,38 @@ def test_recipe_trains_under_the_deepspeed_launcher(tiny_model_dir, toy_data, tm
         assert len(adapter) == 2 * 7 * 2
         for name, t in adapter.items():
             assert t.numel() > 0 and t.abs().sum() > 0, name
+    if ds == "zero3.json":
+        _check_export(out, ckpt, recipe, tiny_model_dir, tmp_path / "export")
+
+
+def _check_export(run, ckpt, recipe, tiny_model_dir, out):
+    """The run exports to a plain HF folder whose logits, loaded by stock transformers, equal
+    the trained model's, rebuilt here from the checkpoint by hand: DeepSpeed's own
+    consolidation of the ZeRO-3 shards for the full fine-tune, peft for the LoRA adapter."""
+    import torch
+    from test_export import IDS, _logits, _stock_logits
+    from transformers import AutoModelForCausalLM
+
+    from sparsedoc.export import export
+
+    meta = export(run, out)
+    assert meta["mode"] == "merged" and meta["step"] == 3 and meta["verification"]["passed"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    base_logits = _logits(base)
+    if recipe == "train_full.py":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        base.load_state_dict(state, strict=False)
+        trained = base
+    else:
+        from peft import PeftModel
+
+        trained = PeftModel.from_pretrained(base, str(ckpt / "adapter")).eval()
+    got = _stock_logits(out, expect_class="LlamaForCausalLM")
+    for ref, exp, untrained in zip(_logits(trained), got, base_logits):
+        torch.testing.assert_close(exp, ref, atol=1e-4, rtol=1e-4)
+        assert (ref - untrained).abs().max() > 1e-4  # three steps moved the weights
 
 
 def test_wandb_offline_run_is_written_into_the_run_folder(tiny_model_dir, toy_data, tmp_path):

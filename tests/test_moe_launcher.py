@@ -84,3 +84,30 @@ def test_moe_resume_reproduces_losses_and_queue(tiny_model_dir, toy_data, tmp_pa
     contrast_full = losses_by_step(read_metrics(tmp_path / "a" / "metrics.jsonl"),
                                    "moe/contrastive_loss")
     assert contrast[3] == contrast_full[3]  # the restored queue gives the same contrast
+
+
+def test_ffn_expert_moe_trains_under_zero3_and_exports_as_mixtral(tiny_model_dir, toy_data,
+                                                                  tmp_path):
+    """FFN-expert mode (MixLoRA-style) under ZeRO-3 on 2 ranks with the expert-output contrast,
+    then one command turns the run folder into a stock Mixtral checkpoint that verifies."""
+    import torch
+    from test_export import _logits, _stock_logits
+
+    from sparsedoc.eval.load import load_for_eval
+    from sparsedoc.export import export
+
+    rows = launch_moe(tiny_model_dir, toy_data, tmp_path / "run", "zero3.json",
+                      extra=["adapter.moe.mode=ffn", "adapter.moe.contrastive=expert"])
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    for r in train_rows:
+        for key in ("train/lm_loss", "moe/balance_loss", "moe/contrastive_loss"):
+            assert math.isfinite(r[key]), (key, r)
+        assert len([k for k in r if k.startswith("moe/load/layer01/")]) == 4
+        assert r["moe/queue_ranks_in_sync"] == 1.0
+    meta = export(tmp_path / "run", tmp_path / "mixtral")
+    assert meta["mode"] == "mixtral" and meta["step"] == 4 and meta["verification"]["passed"]
+    trained, _, _ = load_for_eval(str(tmp_path / "run"), dtype="fp32", device="cpu")
+    got = _stock_logits(tmp_path / "mixtral", expect_class="MixtralForCausalLM")
+    for a, b in zip(_logits(trained), got):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

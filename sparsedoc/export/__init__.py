@@ -288,6 +288,19 @@ def _greedy_check(expected: list[list[int]], model, tokenizer, prompts, n_new: i
             "greedy_prompts": len(prompts)}
 
 
+def _add_legacy_rope_keys(config_path: Path) -> None:
+    """transformers 5 writes ``rope_parameters`` only; servers and older transformers read
+    ``rope_theta`` (and ``rope_scaling``) and would fall back to their own default theta
+    (Mixtral's is 1e6) without a word. Write both spellings."""
+    cfg = json.loads(config_path.read_text())
+    rope = cfg.get("rope_parameters") or {}
+    if "rope_theta" in rope and "rope_theta" not in cfg:
+        cfg["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default" and "rope_scaling" not in cfg:
+            cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -377,6 +390,7 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions | None = None) 
         built.save_pretrained(str(tmp), max_shard_size=opts.max_shard_size,
                               safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        _add_legacy_rope_keys(tmp / "config.json")
         # 2. the folder on disk holds exactly the in-memory export
         reloaded = _reload(tmp, mode, dtype)
         checks["weights"] = compare_weights(built, reloaded, dtype)

@@ -3,7 +3,7 @@
 A routed export is an ordinary transformers folder (``config.json`` + sharded safetensors +
 tokenizer) whose ``model_type`` is ``sparsedoc_lora_moe``: a Llama with every targeted linear a
 ``LoRAMoELinear`` (or every MLP a ``LoRAMoEFFN``). Importing this module registers the class with
-``AutoConfig`` / ``AutoModelForCausalLM``, so after ``import sparsedoc`` (or through
+``AutoConfig`` / ``AutoModelForCausalLM``, so after ``import sparsedoc.moe.hf`` (or through
 ``sparsedoc.load_pretrained``) the stock ``from_pretrained`` loads it, with the code of the
 installed library: no ``trust_remote_code``, no Python shipped inside the model folder. Without
 sparsedoc, transformers refuses the unknown model type with an error; it never silently loads the

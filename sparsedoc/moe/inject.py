@@ -192,6 +192,11 @@ def load_moe_adapter(model: nn.Module, adapter_dir: str | Path) -> MoECfg:
         raise ValueError(f"{w_path}: cannot read safetensors ({e})") from None
     expected = adapter_state_dict(model)
     missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing and all(k.endswith(".router.shared_direction") for k in missing):
+        # Adapters written before router calibration existed trained with no projection,
+        # which is exactly a zero direction.
+        weights.update({k: torch.zeros_like(expected[k]) for k in missing})
+        missing = []
     if missing or extra:
         raise ValueError(f"{w_path}: key mismatch; missing {missing[:5]}, unexpected {extra[:5]}")
     params = dict(model.named_parameters()) | dict(model.named_buffers())
