@@ -91,11 +91,13 @@ def test_lora_export_loads_in_plain_transformers_with_equal_logits(tiny_model_di
     base_only = _logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir,
                                                              dtype=torch.float32))
 
-    meta = _export(tmp_path / "lora", tmp_path / "out", data=[str(toy_data[1])])
+    meta = _export(tmp_path / "lora", tmp_path / "out", data=[str(toy_data[1])],
+                   max_shard_size="4MB")
     assert meta["mode"] == "merged" and meta["verification"]["passed"]
     files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
-            "README.md", "export_metadata.json"} <= files
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json",
+            "generation_config.json", "README.md", "export_metadata.json"} <= files
+    assert len([f for f in files if f.startswith("model-") and f.endswith(".safetensors")]) > 1
     assert "chat_template" in (tmp_path / "out" / "tokenizer_config.json").read_text() or \
         (tmp_path / "out" / "chat_template.jinja").is_file()
     got = _stock_logits(tmp_path / "out", expect_class="LlamaForCausalLM")
@@ -327,3 +329,16 @@ def test_evaluate_and_generate_load_a_routed_export(tiny_model_dir, tmp_path):
     assert info["method"] == "lora_moe" and type(model).__name__ == "SparsedocMoEForCausalLM"
     for a, b in zip(_logits(trained), _logits(model)):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_export_files_follow_the_umask(tiny_model_dir, tmp_path):
+    import os
+
+    _, adapter = _moe_adapter(tmp_path, tiny_model_dir, MoECfg(num_experts=2, top_k=1, r=2))
+    old = os.umask(0o022)
+    try:
+        _export(adapter, tmp_path / "out")
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "out").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f  # others can read what is meant to be shared

@@ -301,6 +301,16 @@ def _add_legacy_rope_keys(config_path: Path) -> None:
         config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def _respect_umask(folder: Path) -> None:
+    """safetensors writes its files owner-only (0600); an export is meant to be shared and
+    served by other users, so give every file the permissions the user's umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
+
+
 def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -391,6 +401,7 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions | None = None) 
                               safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         _add_legacy_rope_keys(tmp / "config.json")
+        _respect_umask(tmp)
         # 2. the folder on disk holds exactly the in-memory export
         reloaded = _reload(tmp, mode, dtype)
         checks["weights"] = compare_weights(built, reloaded, dtype)

@@ -25,7 +25,8 @@ from sparsedoc.logging import JsonlLogger, MultiLogger, NullLogger, WandbLogger
 from sparsedoc.models.load import (enable_activation_checkpointing, load_model_and_tokenizer,
                                    resolve_dtype)
 from sparsedoc.train.distributed import (all_reduce_sum, barrier, build_ds_config, device,
-                                         init_distributed, is_main, zero_stage)
+                                         init_distributed, is_main,
+                                         release_cpu_comm_buffers, zero_stage)
 from sparsedoc.train.method import Method, count_parameters, model_inputs
 
 log = logging.getLogger("sparsedoc")
@@ -265,6 +266,7 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
         if first_eval is not None:
             log.info("held-out loss: %.4f -> %.4f", first_eval, final_eval)
     barrier()
+    release_cpu_comm_buffers()
     return TrainResult(run_dir, Path(last_ckpt) if last_ckpt else run_dir, summary)
 
 
