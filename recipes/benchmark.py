@@ -27,6 +27,7 @@ VARIANTS = {
     "moe_grouped": ["adapter.method=lora_moe", "adapter.moe.dispatch=grouped"],
     "moe_all_experts": ["adapter.method=lora_moe", "adapter.moe.dispatch=dense",
                         "adapter.moe.top_k={E}"],
+    "moe_ffn": ["adapter.method=lora_moe", "adapter.moe.mode=ffn"],
     "full": ["adapter.method=full"],
 }
 

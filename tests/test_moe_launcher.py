@@ -51,7 +51,8 @@ def test_moe_trains_under_deepspeed(tiny_model_dir, toy_data, tmp_path, ds, cont
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     for r in train_rows:
         for key in ("train/loss", "train/lm_loss", "moe/balance_loss", "moe/z_loss",
-                    "moe/contrastive_loss", "moe/routing_entropy", "moe/busiest_expert_share"):
+                    "moe/contrastive_loss", "moe/routing_entropy", "moe/busiest_expert_share",
+                    "moe/layers_over_threshold"):
             assert math.isfinite(r[key]), (key, r)
         loads = [v for k, v in r.items() if k.startswith("moe/load/layer00/")]
         assert len(loads) == 4 and sum(loads) == pytest.approx(1.0)

@@ -35,10 +35,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from sparsedoc.export.build import (ExportError, build_dense, build_merged, build_mixtral,
                                     build_routed, measure_gate_means)
-from sparsedoc.export.verify import (EXACT_ATOL, compare_weights, fp32_exact, greedy_tokens)
+from sparsedoc.export.verify import (EXACT_ATOL, compare_weights, fp32_exact, greedy_diff,
+                                     greedy_tokens, logit_diff, logits_of)
 
 log = logging.getLogger("sparsedoc")
 
@@ -221,7 +223,7 @@ def measure_gap(routed, dense, tokenizer, records: list[dict], cfg, max_len: int
     nll = {"routed": 0.0, "dense": 0.0}
     n_target = 0
     with fp32_exact():
-        for b in batches:
+        for b in tqdm(batches, desc="dense gap", leave=False):
             mask = b["attention_mask"].bool()
             logits = {}
             for name, m in (("routed", routed), ("dense", dense)):
@@ -243,7 +245,7 @@ def measure_gap(routed, dense, tokenizer, records: list[dict], cfg, max_len: int
     if items:
         ecfg = EvalCfg(prompt_format="chat", batch_size=8)
         for name, m in (("routed", routed), ("dense", dense)):
-            preds, _ = score_mcq(m, tokenizer, items, "loglik", ecfg)
+            preds, _ = score_mcq(m, tokenizer, items, "loglik", ecfg, progress=True)
             acc[name] = summarize(items, preds, "loglik")["accuracy"]
     ppl = {k: float(torch.tensor(v / max(n_target, 1)).exp()) for k, v in nll.items()}
     return {"eval_records": len(rows), "target_tokens": n_target,
@@ -269,23 +271,6 @@ def _reload(tmp: Path, mode: str, dtype: torch.dtype):
     if expected and type(model).__name__ != expected:
         raise ExportError(f"{tmp}: loads as {type(model).__name__}, expected {expected}")
     return model.eval()
-
-
-def _logit_check(expected: list[torch.Tensor], model, samples: list[list[int]]) -> dict:
-    from sparsedoc.export.verify import _logits
-
-    with fp32_exact(), torch.no_grad():
-        got = [_logits(model, ids) for ids in samples]
-    d = [(a - b).abs() for a, b in zip(expected, got)]
-    return {"max_abs_logit_diff": max(float(x.max()) for x in d),
-            "mean_abs_logit_diff": sum(float(x.sum()) for x in d) / sum(x.numel() for x in d)}
-
-
-def _greedy_check(expected: list[list[int]], model, tokenizer, prompts, n_new: int) -> dict:
-    got = greedy_tokens(model, tokenizer, prompts, n_new)
-    same = [a == b for a, b in zip(expected, got)]
-    return {"greedy_match": all(same), "greedy_prompts_matching": sum(same),
-            "greedy_prompts": len(prompts)}
 
 
 def _add_legacy_rope_keys(config_path: Path) -> None:
@@ -340,9 +325,7 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions | None = None) 
                                             opts.sample_tokens)
     log.info("export %s (%s) -> %s as %s, %s", src, info["method"], out, mode, opts.dtype)
 
-    with fp32_exact(), torch.no_grad():
-        from sparsedoc.export.verify import _logits
-        trained_logits = [_logits(model, ids) for ids in samples]
+    trained_logits = logits_of(model, samples)
     trained_greedy = greedy_tokens(model, tokenizer, prompts, opts.greedy_new_tokens)
 
     gap = None
@@ -363,8 +346,7 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions | None = None) 
                           opts.sample_tokens * 4)
         gap["calibration_records"] = len(rows)
         # the file must reproduce the dense model; its distance to the routed one is the gap
-        with fp32_exact(), torch.no_grad():
-            expected_logits = [_logits(built, ids) for ids in samples]
+        expected_logits = logits_of(built, samples)
         expected_greedy = greedy_tokens(built, tokenizer, prompts, opts.greedy_new_tokens)
         reference = "in-memory dense approximation (fp32)"
     else:
@@ -378,9 +360,9 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions | None = None) 
                     "samples": len(samples), "sample_tokens": sum(map(len, samples))}
     failures = []
     if mode != "dense":  # 1. the in-memory export is the trained model
-        pre = _logit_check(expected_logits, built, samples)
-        pre.update(_greedy_check(expected_greedy, built, tokenizer, prompts,
-                                 opts.greedy_new_tokens))
+        pre = logit_diff(expected_logits, logits_of(built, samples))
+        pre.update(greedy_diff(expected_greedy, greedy_tokens(built, tokenizer, prompts,
+                                                              opts.greedy_new_tokens)))
         checks["in_memory"] = pre
         if pre["max_abs_logit_diff"] > opts.atol:
             failures.append(f"in-memory export differs from the trained model: max |logit "
@@ -410,9 +392,9 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions | None = None) 
                             f"{checks['weights']}")
         # 3. end to end: the reloaded folder against the trained (or dense) reference
         reloaded = reloaded.float()
-        end = _logit_check(expected_logits, reloaded, samples)
-        end.update(_greedy_check(expected_greedy, reloaded, tokenizer, prompts,
-                                 opts.greedy_new_tokens))
+        end = logit_diff(expected_logits, logits_of(reloaded, samples))
+        end.update(greedy_diff(expected_greedy, greedy_tokens(reloaded, tokenizer, prompts,
+                                                              opts.greedy_new_tokens)))
         checks["reloaded"] = end
         if dtype == torch.float32:
             if end["max_abs_logit_diff"] > opts.atol:

@@ -21,6 +21,7 @@ from dataclasses import asdict, replace
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from sparsedoc.config import MoECfg
 from sparsedoc.moe.ffn import PROJ, LoRALinear, LoRAMoEFFN
@@ -172,7 +173,7 @@ def measure_gate_means(model: nn.Module, batches: list[dict]) -> dict[str, torch
     sums = {n: torch.zeros(m.num_experts, dtype=torch.float64) for n, m in layers}
     tokens = 0.0
     dev = next(model.parameters()).device
-    for batch in batches:
+    for batch in tqdm(batches, desc="gate means", leave=False):
         batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
         model(**model_inputs(batch))
         mask = batch["attention_mask"].reshape(-1, 1).double()

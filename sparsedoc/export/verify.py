@@ -2,8 +2,8 @@
 
 Three comparisons, all in fp32 compute with TF32 off, one unpadded sequence at a time:
 
-* ``compare_logits``: max / mean absolute logit difference over every position of the samples;
-* ``compare_greedy``: greedy continuations token for token;
+* ``logit_diff``: max / mean absolute logit difference over every position of the samples;
+* ``greedy_diff``: greedy continuations token for token;
 * ``compare_weights``: every tensor of the reloaded folder against the in-memory export cast to
   the saved dtype, bit for bit, so a weight lost or renamed on the way to disk cannot hide behind
   a loose logit tolerance (this is what makes bf16 / fp16 exports checkable at all).
@@ -29,25 +29,19 @@ def fp32_exact():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def _logits(model, ids: list[int], virtual: int = 0) -> torch.Tensor:
-    dev = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([ids], device=dev), use_cache=False).logits[0]
-    return out[virtual:].float().cpu()
-
-
 @torch.no_grad()
-def compare_logits(reference, exported, samples: list[list[int]], ref_virtual: int = 0) -> dict:
-    """``ref_virtual``: soft-prompt positions the reference prepends (prompt tuning)."""
+def logits_of(model, samples: list[list[int]]) -> list[torch.Tensor]:
+    """fp32 CPU logits of each sample, one unpadded sequence at a time, TF32 off."""
+    dev = next(model.parameters()).device
     with fp32_exact():
-        max_d, sum_d, n, scale = 0.0, 0.0, 0, 0.0
-        for ids in samples:
-            a, b = _logits(reference, ids, ref_virtual), _logits(exported, ids)
-            d = (a - b).abs()
-            max_d, sum_d, n = max(max_d, float(d.max())), sum_d + float(d.sum()), n + d.numel()
-            scale = max(scale, float(a.abs().max()))
-    return {"max_abs_logit_diff": max_d, "mean_abs_logit_diff": sum_d / max(n, 1),
-            "max_abs_logit": scale, "samples": len(samples),
-            "tokens": sum(len(s) for s in samples)}
+        return [model(input_ids=torch.tensor([ids], device=dev), use_cache=False
+                      ).logits[0].float().cpu() for ids in samples]
+
+
+def logit_diff(expected: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
+    d = [(a - b).abs() for a, b in zip(expected, got)]
+    return {"max_abs_logit_diff": max(float(x.max()) for x in d),
+            "mean_abs_logit_diff": sum(float(x.sum()) for x in d) / sum(x.numel() for x in d)}
 
 
 @torch.no_grad()
@@ -65,17 +59,14 @@ def greedy_tokens(model, tokenizer, prompts: list[list[int]], max_new_tokens: in
     return outs
 
 
-def compare_greedy(reference, exported, tokenizer, prompts: list[list[int]],
-                   max_new_tokens: int) -> dict:
-    a = greedy_tokens(reference, tokenizer, prompts, max_new_tokens)
-    b = greedy_tokens(exported, tokenizer, prompts, max_new_tokens)
-    same = [x == y for x, y in zip(a, b)]
-    first_diff = next((i for i, s in enumerate(same) if not s), None)
+def greedy_diff(expected: list[list[int]], got: list[list[int]]) -> dict:
+    same = [a == b for a, b in zip(expected, got)]
     out = {"greedy_match": all(same), "greedy_prompts_matching": sum(same),
-           "greedy_prompts": len(prompts), "greedy_new_tokens": max_new_tokens}
-    if first_diff is not None:
-        out["greedy_first_mismatch"] = {"prompt": first_diff, "reference": a[first_diff],
-                                        "exported": b[first_diff]}
+           "greedy_prompts": len(same)}
+    first = next((i for i, s in enumerate(same) if not s), None)
+    if first is not None:
+        out["greedy_first_mismatch"] = {"prompt": first, "expected": expected[first],
+                                        "got": got[first]}
     return out
 
 

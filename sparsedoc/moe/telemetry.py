@@ -55,6 +55,8 @@ class RoutingStats:
         metrics = {"moe/routing_entropy": float((entropy / tokens.clamp_min(1)).mean()),
                    "moe/busiest_expert_share": float(busiest.max()),
                    "moe/busiest_expert_share_mean": float(busiest.mean()),
+                   # routing layers whose busiest expert is above the collapse threshold
+                   "moe/layers_over_threshold": float((busiest > self.threshold).sum()),
                    "moe/dropped_token_frac": 0.0}  # no capacity limit: no token is ever dropped
         for b, row in self.block_load(load).items():
             for e, v in enumerate(row.tolist()):
