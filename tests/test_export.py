@@ -342,3 +342,16 @@ def test_export_files_follow_the_umask(tiny_model_dir, tmp_path):
         os.umask(old)
     for f in (tmp_path / "out").iterdir():
         assert f.stat().st_mode & 0o777 == 0o644, f  # others can read what is meant to be shared
+
+
+def test_mode_choice_per_method():
+    from sparsedoc.export import ExportError, resolve_mode
+
+    assert resolve_mode("auto", "lora", None) == "merged"
+    assert resolve_mode("auto", "full", None) == "merged"
+    assert resolve_mode("auto", "lora_moe", MoECfg()) == "routed"
+    assert resolve_mode("auto", "lora_moe", MoECfg(mode="ffn")) == "mixtral"
+    with pytest.raises(ExportError, match="soft prompt"):
+        resolve_mode("auto", "prompt", None)
+    with pytest.raises(ExportError, match="does not apply to a lora model"):
+        resolve_mode("dense", "lora", None)
