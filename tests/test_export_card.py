@@ -15,8 +15,8 @@ import yaml
 from data_prep.mixture import MixSource, MixtureConfig, build_mixture
 from data_prep.registry import REGISTRY
 from sparsedoc.data.schema import write_jsonl
-from sparsedoc.export.card import (DEMO_LICENSE, collect_lineage, is_non_commercial,
-                                   write_model_card)
+from sparsedoc.export.card import write_model_card
+from sparsedoc.export.lineage import DEMO_LICENSE, collect_lineage, is_non_commercial
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RUN = REPO / "runs" / "moe-demo"

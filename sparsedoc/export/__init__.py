@@ -427,7 +427,8 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions | None = None) 
 
 
 def _write_card(folder: Path, meta: dict, info: dict) -> None:
-    from sparsedoc.export.card import collect_lineage, write_model_card
+    from sparsedoc.export.card import write_model_card
+    from sparsedoc.export.lineage import collect_lineage
 
     card = dict(meta)
     card["lineage"] = collect_lineage(Path(info.get("checkpoint") or info.get("path")))
