@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from sparsedoc.moe.inject import block_index, routing_layers
+from sparsedoc.moe.telemetry import plot_load_heatmap
 
 
 @torch.no_grad()
@@ -72,31 +73,8 @@ def _short_layer(name: str) -> str:
 
 def plot_label_heatmap(share, label_names: list[str], path: Path, title: str) -> Path:
     """Label x expert share of token assignments, each cell annotated (rows sum to 1)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, cols = share.shape
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.8 + 0.7 * cols), max(2.6, 1.3 + 0.38 * rows)))
-    im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(cols))
-    ax.set_yticks(range(rows))
-    ax.set_yticklabels(label_names, fontsize=7)
-    ax.set_xlabel("expert")
-    ax.set_ylabel("label")
-    ax.set_title(title, fontsize=9)
-    if rows * cols <= 200:
-        for r in range(rows):
-            for c in range(cols):
-                ax.text(c, r, f"{share[r, c]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if share[r, c] < 0.6 else "black")
-    fig.colorbar(im, ax=ax, label="share")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plot_load_heatmap(share, label_names, path, title, ylabel="label", vmax=1.0,
+                             annotate=True, colorbar_label="share")
 
 
 def plot_label_usage(counts: torch.Tensor, layer_names: list[str], label_names: list[str],

@@ -93,22 +93,34 @@ class RoutingStats:
 
 
 def plot_load_heatmap(grid, row_labels: list[str], path: Path, title: str,
-                      xlabel: str = "expert", ylabel: str = "decoder layer") -> Path:
+                      xlabel: str = "expert", ylabel: str = "decoder layer",
+                      vmax: float | None = None, annotate: bool = False,
+                      colorbar_label: str = "share of token assignments") -> Path:
+    """A rows x experts share heatmap as PNG. ``vmax`` None scales to the data; ``annotate``
+    writes each value in its cell (small grids only)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows, cols = grid.shape
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * cols, 1.0 + 0.28 * rows))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(grid.max()), 1e-6))
+    size = ((max(4.5, 1.8 + 0.7 * cols), max(2.6, 1.3 + 0.38 * rows)) if annotate
+            else (1.2 + 0.6 * cols, 1.0 + 0.28 * rows))
+    fig, ax = plt.subplots(figsize=size)
+    top = vmax if vmax is not None else max(float(grid.max()), 1e-6)
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=top)
     ax.set_xticks(range(cols))
     ax.set_yticks(range(rows))
     ax.set_yticklabels(row_labels, fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="share of token assignments")
+    if annotate and rows * cols <= 200:
+        for r in range(rows):
+            for c in range(cols):
+                ax.text(c, r, f"{grid[r, c]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if grid[r, c] < 0.6 * top else "black")
+    fig.colorbar(im, ax=ax, label=colorbar_label)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
