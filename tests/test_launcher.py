@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,10 @@ from pathlib import Path
 import pytest
 
 from sparsedoc.logging import read_metrics
+from sparsedoc.train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra) -> dict:
@@ -52,7 +46,7 @@ def test_recipe_trains_under_the_deepspeed_launcher(tiny_model_dir, toy_data, tm
                                                     ds):
     out = tmp_path / "run"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
-           "--master_port", str(_free_port()), str(REPO / "recipes" / recipe),
+           "--master_port", str(free_port()), str(REPO / "recipes" / recipe),
            "--ds", str(REPO / "ds_configs" / ds),
            *_overrides(tiny_model_dir, toy_data, out, max_steps=3), "logging.wandb=false"]
     _run(cmd, _env())
@@ -104,7 +98,7 @@ def _check_export(run, ckpt, recipe, tiny_model_dir, out):
     the trained model's, rebuilt here from the checkpoint by hand: DeepSpeed's own
     consolidation of the ZeRO-3 shards for the full fine-tune, peft for the LoRA adapter."""
     import torch
-    from test_export import IDS, _logits, _stock_logits
+    from test_export import _logits, _stock_logits
     from transformers import AutoModelForCausalLM
 
     from sparsedoc.export import export

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,21 +12,16 @@ from pathlib import Path
 import pytest
 
 from sparsedoc.logging import read_metrics
+from sparsedoc.train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_moe(tiny_model_dir, toy_data, out_dir, ds="zero2.json", ranks=2, extra=()):
     train, evals = toy_data
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
-           "--master_port", str(_free_port()), str(REPO / "recipes" / "train_moe.py"),
+           "--master_port", str(free_port()), str(REPO / "recipes" / "train_moe.py"),
            "--ds", str(REPO / "ds_configs" / ds),
            f"model.name_or_path={tiny_model_dir}", f"data.train_files=[{train}]",
            f"data.eval_files=[{evals}]", f"train.output_dir={out_dir}", "train.max_steps=4",

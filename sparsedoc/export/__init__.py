@@ -66,7 +66,10 @@ class ExportOptions:
     mode: str = "auto"
     dtype: str = "fp32"
     force: bool = False
-    data: list[str] = field(default_factory=list)  # JSONL records when the source has no run data
+    # Held-out JSONL records (verification, dense gap) and calibration records (dense gate
+    # means); by default the run's eval and train splits.
+    data: list[str] = field(default_factory=list)
+    calib_data: list[str] = field(default_factory=list)
     max_shard_size: str = "2GB"
     samples: int = 4  # sequences whose logits are compared
     sample_tokens: int = 128  # tokens per compared sequence
@@ -74,6 +77,7 @@ class ExportOptions:
     atol: float = EXACT_ATOL
     calib_batches: int = 8  # dense: batches of 8 records whose mean gates are merged
     gap_records: int = 64  # dense: held-out records the quality gap is measured on
+    gap_max_tokens: int = 512  # dense: calibration and gap records are cut to this length
     device: str = "cpu"
 
 
@@ -109,14 +113,14 @@ def _replace(tmp: Path, out: Path) -> None:
 def _load_source(src: str, device: str):
     from sparsedoc.eval.load import load_for_eval
 
+    from safetensors import SafetensorError
+
     try:
         return load_for_eval(src, dtype="fp32", device=device)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ExportError(f"{src}: cannot load the trained model: {e}") from None
-    except Exception as e:  # corrupt weight files surface as safetensors / torch errors
-        if "safetensor" in type(e).__name__.lower() or "header" in str(e).lower():
-            raise ExportError(f"{src}: a weight file is unreadable or corrupt ({e})") from None
-        raise
+    except SafetensorError as e:  # peft reading a truncated or corrupt adapter file
+        raise ExportError(f"{src}: a weight file is unreadable or corrupt ({e})") from None
 
 
 def _moe_cfg(model, info: dict):
@@ -136,15 +140,20 @@ def resolve_mode(mode: str, method: str, moe_cfg) -> str:
                           "share the adapter folder (checkpoints/step-N/adapter, loads with peft)")
     if method == "base":
         raise ExportError("the source is a plain model without anything trained to export")
+    ffn = moe_cfg is not None and moe_cfg.mode == "ffn"
     if mode == "auto":
         if method in ("lora", "full"):
             return "merged"
-        return "mixtral" if moe_cfg is not None and moe_cfg.mode == "ffn" else "routed"
+        return "mixtral" if ffn else "routed"
     allowed = {"lora": ("merged",), "full": ("merged",),
                "lora_moe": ("routed", "mixtral", "dense")}[method]
     if mode not in allowed:
         raise ExportError(f"--mode {mode} does not apply to a {method} model; choose from "
                           f"{', '.join(allowed)}")
+    if mode == "mixtral" and not ffn:
+        raise ExportError("mode mixtral needs an FFN-expert LoRA-MoE (adapter.moe.mode=ffn); "
+                          "this one routes every linear (mode=linear); use --mode routed or "
+                          "dense")
     return mode
 
 
@@ -157,22 +166,26 @@ def _run_config(info: dict):
     return None
 
 
-def _records(info: dict, data: list[str]) -> tuple[list[dict], list[dict], object]:
-    """(calibration records, held-out records, run config or None)."""
+def _records(info: dict, data: list[str], calib_data: list[str]):
+    """``(calibration records, held-out records, run config or None, where the calibration
+    records come from)``: ``--calib-data`` / ``--data`` first, else the run's train / eval
+    splits. Calibrating on the held-out records is allowed but flagged: the gap it measures is
+    then optimistic."""
     from sparsedoc.data.dataset import load_records, split_records
 
     cfg = _run_config(info)
-    if data:
-        records = load_records(data)
-        return records, records, cfg
-    if cfg is not None:
+    train, held_out = [], []
+    if cfg is not None and not (data and calib_data):
         try:
             train, held_out = split_records(cfg.data, cfg.train.seed)
-            return train, held_out or train, cfg
         except (FileNotFoundError, ValueError) as e:
-            log.warning("the run's data is not readable here (%s); verifying on built-in "
-                        "prompts", e)
-    return [], [], cfg
+            log.warning("the run's data is not readable here (%s)", e)
+    held_out = load_records(data) if data else held_out or train
+    if calib_data:
+        return load_records(calib_data), held_out, cfg, "--calib-data"
+    if train:
+        return train, held_out, cfg, "the run's training split"
+    return held_out, held_out, cfg, "the held-out records themselves (optimistic gap)"
 
 
 def _tokenize(records: list[dict], tokenizer, cfg, max_len: int):
@@ -184,9 +197,9 @@ def _tokenize(records: list[dict], tokenizer, cfg, max_len: int):
 
 
 def _prompt_ids(tokenizer, text: str) -> list[int]:
-    enc = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                        add_generation_prompt=True, tokenize=True)
-    return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+    from sparsedoc.eval.prompts import encode, render_chat
+
+    return encode(tokenizer, render_chat(tokenizer, [{"role": "user", "content": text}]), True)
 
 
 def verification_inputs(records: list[dict], tokenizer, cfg, n: int, max_len: int
@@ -316,44 +329,42 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions | None = None) 
     model, tokenizer, info = _load_source(str(src), opts.device)
     moe_cfg = _moe_cfg(model, info)
     mode = resolve_mode(opts.mode, info["method"], moe_cfg)
-    if mode == "mixtral" and moe_cfg is not None and moe_cfg.mode != "ffn":
-        raise ExportError("mode mixtral needs an FFN-expert LoRA-MoE (adapter.moe.mode=ffn); "
-                          "this one routes every linear (mode=linear); use --mode routed or "
-                          "dense")
-    calib_records, held_out, run_cfg = _records(info, opts.data)
+    calib_records, held_out, run_cfg, calib_source = _records(info, opts.data, opts.calib_data)
     samples, prompts = verification_inputs(held_out, tokenizer, run_cfg, opts.samples,
                                             opts.sample_tokens)
     log.info("export %s (%s) -> %s as %s, %s", src, info["method"], out, mode, opts.dtype)
-
-    trained_logits = logits_of(model, samples)
-    trained_greedy = greedy_tokens(model, tokenizer, prompts, opts.greedy_new_tokens)
 
     gap = None
     if mode == "dense":
         if not calib_records:
             raise ExportError("mode dense measures the mean gates and the quality gap on data: "
                               "export a run whose data files are readable here, or pass --data "
-                              "FILE.jsonl")
+                              "HELD_OUT.jsonl [--calib-data CALIB.jsonl]")
         from sparsedoc.data.collate import PadCollator
         from sparsedoc.data.dataset import eval_batches
 
         pick = random.Random(0).sample(calib_records, min(len(calib_records),
                                                           8 * opts.calib_batches))
-        rows = _tokenize(pick, tokenizer, run_cfg, opts.sample_tokens * 4)
+        rows = _tokenize(pick, tokenizer, run_cfg, opts.gap_max_tokens)
         calib = eval_batches(rows, PadCollator(tokenizer.pad_token_id, {}), 8, 0, 1)
         built = build_dense(model, measure_gate_means(model, calib))
         gap = measure_gap(model, built, tokenizer, held_out[:opts.gap_records], run_cfg,
-                          opts.sample_tokens * 4)
+                          opts.gap_max_tokens)
         gap["calibration_records"] = len(rows)
+        gap["calibration_source"] = calib_source
         # the file must reproduce the dense model; its distance to the routed one is the gap
         expected_logits = logits_of(built, samples)
         expected_greedy = greedy_tokens(built, tokenizer, prompts, opts.greedy_new_tokens)
         reference = "in-memory dense approximation (fp32)"
     else:
+        # The reference is taken before building: builders share the trained model's tensors
+        # (no second copy of an 8B model), so a builder that wrote into one would otherwise
+        # move the reference along with the export and hide its own bug.
+        expected_logits = logits_of(model, samples)
+        expected_greedy = greedy_tokens(model, tokenizer, prompts, opts.greedy_new_tokens)
         built = {"merged": lambda: build_merged(model, info["method"]),
                  "routed": lambda: build_routed(model, moe_cfg),
                  "mixtral": lambda: build_mixtral(model, moe_cfg)}[mode]()
-        expected_logits, expected_greedy = trained_logits, trained_greedy
         reference = f"training-time model ({info['method']}, fp32)"
 
     checks: dict = {"reference": reference, "tolerance": opts.atol, "dtype": opts.dtype,
@@ -455,7 +466,8 @@ def summary_lines(meta: dict) -> list[str]:
             f"{g['eval_records']} held-out records: max |logit diff| {g['max_abs_logit_diff']:.3g}"
             f", mean {g['mean_abs_logit_diff']:.3g}; perplexity {f(g['ppl_routed'], '.3f')} "
             f"routed -> {f(g['ppl_dense'], '.3f')} dense; MCQ accuracy ({g['mcq_items']} items) "
-            f"{f(g['mcq_acc_routed'], '.1f')}% -> {f(g['mcq_acc_dense'], '.1f')}%")
+            f"{f(g['mcq_acc_routed'], '.1f')}% -> {f(g['mcq_acc_dense'], '.1f')}%; mean gates "
+            f"from {g['calibration_records']} records of {g['calibration_source']}")
     return lines
 
 
@@ -469,8 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--data", nargs="*", default=[],
-                   help="unified-schema JSONL for verification / dense calibration when the "
-                        "source has no readable run data")
+                   help="held-out unified-schema JSONL for verification and the dense gap "
+                        "(default: the run's eval split)")
+    p.add_argument("--calib-data", nargs="*", default=[],
+                   help="JSONL whose records set the dense mode's mean gates (default: the "
+                        "run's training split, else --data, flagged as optimistic)")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--atol", type=float, default=EXACT_ATOL)
@@ -478,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     opts = ExportOptions(mode=args.mode, dtype=args.dtype, force=args.force, data=args.data,
+                         calib_data=args.calib_data,
                          max_shard_size=args.max_shard_size, samples=args.samples,
                          atol=args.atol, device=args.device)
     try:

@@ -40,6 +40,9 @@ def _training_state(key: str) -> bool:
 
 
 def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights, fp32 on CPU. For an fp32 CPU model these *are* its tensors (no
+    copy, an 8B model is not held twice), so builders only ever replace entries, never modify
+    them in place: the trained model must stay intact as the verification's reference."""
     return {k: v.detach().float().cpu() for k, v in model.state_dict().items()
             if not _training_state(k)}
 
@@ -102,7 +105,8 @@ def build_routed(model: nn.Module, cfg: MoECfg) -> nn.Module:
         if isinstance(m, LoRALinear):
             _merge_plain_lora(sd, name, m)
         elif isinstance(m, LoRAMoELinear) and m.shared_A is not None:
-            sd[f"{name}.base_layer.weight"] += m.shared_delta_weight().float().cpu()
+            key = f"{name}.base_layer.weight"
+            sd[key] = sd[key] + m.shared_delta_weight().float().cpu()  # never in place
             del sd[f"{name}.shared_A"], sd[f"{name}.shared_B"]
     # what the exported model still routes; plain-LoRA parts are gone into the dense weights
     kept = replace(cfg, shared_expert=False, contrastive="none",

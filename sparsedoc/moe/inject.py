@@ -139,7 +139,12 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def routing_layers(model: nn.Module) -> list[tuple[str, LoRAMoELinear]]:
+def adapter_module_names(model: nn.Module) -> list[str]:
+    """Every module an adapter file holds weights of, in model order."""
+    return [n for n, m in model.named_modules() if isinstance(m, ADAPTER_MODULES)]
+
+
+def routing_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers that make a routing decision (every layer, or one leader per block)."""
     return [(n, m) for n, m in moe_layers(model) if m.router_leader]
 
@@ -147,10 +152,9 @@ def routing_layers(model: nn.Module) -> list[tuple[str, LoRAMoELinear]]:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Expert and router weights by module name (queues excluded), as contiguous CPU tensors."""
     out = {}
-    for name, layer in model.named_modules():
-        if isinstance(layer, ADAPTER_MODULES):
-            for k, t in layer.adapter_tensors().items():
-                out[f"{name}.{k}"] = t.detach().to("cpu").contiguous()
+    for name in adapter_module_names(model):
+        for k, t in model.get_submodule(name).adapter_tensors().items():
+            out[f"{name}.{k}"] = t.detach().to("cpu").contiguous()
     return out
 
 
@@ -163,7 +167,7 @@ def save_moe_adapter(model: nn.Module, out_dir: str | Path, cfg: MoECfg, base_mo
     save_file(adapter_state_dict(model), out_dir / ADAPTER_WEIGHTS)
     meta = {"format": "sparsedoc-lora-moe", "version": 1, "base_model": base_model,
             "dispatch": dispatch, "moe": asdict(cfg),
-            "modules": [n for n, m in model.named_modules() if isinstance(m, ADAPTER_MODULES)]}
+            "modules": adapter_module_names(model)}
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
 
 
@@ -182,7 +186,7 @@ def load_moe_adapter(model: nn.Module, adapter_dir: str | Path) -> MoECfg:
     meta = json.loads(cfg_path.read_text())
     cfg = MoECfg(**meta["moe"])
     inject_lora_moe(model, cfg, dispatch=meta.get("dispatch", "dense"))
-    names = [n for n, m in model.named_modules() if isinstance(m, ADAPTER_MODULES)]
+    names = adapter_module_names(model)
     if names != meta["modules"]:
         raise ValueError(f"{cfg_path}: adapter was trained on modules {meta['modules'][:3]}..., "
                          f"this model gives {names[:3]}...")

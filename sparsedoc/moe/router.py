@@ -60,7 +60,7 @@ class TopKRouter(nn.Module):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
         self.num_experts, self.top_k, self.jitter = num_experts, top_k, jitter
-        self.weight_in_features = in_features
+        self.in_features = in_features  # kept: under ZeRO-3 weight.shape is the shard's
         self.weight = nn.Parameter(torch.empty(num_experts, in_features))
         # std 1/sqrt(in): logits of order one, so tokens spread over experts from step 0. A much
         # smaller init leaves the probabilities uniform and lets the top-k follow whatever
@@ -77,7 +77,7 @@ class TopKRouter(nn.Module):
         return w - (w @ u).unsqueeze(-1) * u
 
     def start_calibration(self) -> None:
-        self._calib = [torch.zeros(self.weight_in_features, dtype=torch.float64), 0]
+        self._calib = [torch.zeros(self.in_features, dtype=torch.float64), 0]
 
     def finish_calibration(self, reduce=None) -> None:
         """Set ``shared_direction`` to the unit mean of the inputs seen since
