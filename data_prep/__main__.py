@@ -1,5 +1,5 @@
 """``python -m data_prep prepare ...`` (same as ``sparsedoc prepare ...``)."""
 
-from data_prep.cli import main
+from sparsedoc.prep.cli import main
 
 raise SystemExit(main())

@@ -1,13 +1,7 @@
-"""Export a training run, a checkpoint or an adapter folder as a verified, servable checkpoint.
+"""Export a run as a verified, servable model. Code: sparsedoc/recipes/export.py.
 
-    python recipes/export.py runs/moe-demo exports/moe-demo                 # auto mode
-    python recipes/export.py runs/lora-demo exports/lora-demo --dtype bf16
-    python recipes/export.py runs/moe-demo exports/moe-demo-dense --mode dense
-
-Same as ``sparsedoc export``; see ``sparsedoc/export/__init__.py`` for the modes and the checks.
+    python recipes/export.py runs/moe-demo exports/moe-demo
 """
-
-from __future__ import annotations
 
 from sparsedoc.export import main
 

@@ -1,12 +1,10 @@
-"""Full fine-tune baseline on the shared loop (every weight trains).
+"""Full fine-tune baseline on the shared loop (every weight trains). Code: sparsedoc/recipes/train_full.py.
 
     deepspeed recipes/train_full.py --ds ds_configs/zero3.json [key=value ...]
+    python recipes/train_full.py train.max_steps=20          # one process, no launcher
 """
 
-from pathlib import Path
-
-from sparsedoc.baselines.full import FullMethod
-from sparsedoc.train.recipe import run_recipe
+from sparsedoc.recipes.train_full import main
 
 if __name__ == "__main__":
-    run_recipe(FullMethod(), str(Path(__file__).parent / "configs" / "full_demo.yaml"))
+    main()

@@ -1,15 +1,10 @@
-"""LoRA-MoE (SparseDoctor-style): routed LoRA experts with a contrastive router and an expert
-memory queue, on the shared loop.
+"""LoRA-MoE (SparseDoctor-style): routed LoRA experts with a contrastive router and an expert Code: sparsedoc/recipes/train_moe.py.
 
-    deepspeed recipes/train_moe.py --ds ds_configs/zero2.json            # embedded default, CPU ok
-    deepspeed --num_gpus 8 recipes/train_moe.py --config recipes/configs/llama3_8b_moe.yaml \
-        --ds ds_configs/zero2.json
+    deepspeed recipes/train_moe.py --ds ds_configs/zero2.json [key=value ...]
+    python recipes/train_moe.py train.max_steps=20          # one process, no launcher
 """
 
-from pathlib import Path
-
-from sparsedoc.moe.method import MoEMethod
-from sparsedoc.train.recipe import run_recipe
+from sparsedoc.recipes.train_moe import main
 
 if __name__ == "__main__":
-    run_recipe(MoEMethod(), str(Path(__file__).parent / "configs" / "moe_demo.yaml"))
+    main()

@@ -1,12 +1,10 @@
-"""Prompt-tuning baseline (peft virtual tokens) on the shared loop.
+"""Prompt-tuning baseline (peft virtual tokens) on the shared loop. Code: sparsedoc/recipes/train_prompt.py.
 
     deepspeed recipes/train_prompt.py --ds ds_configs/zero2.json [key=value ...]
+    python recipes/train_prompt.py train.max_steps=20          # one process, no launcher
 """
 
-from pathlib import Path
-
-from sparsedoc.baselines.prompt import PromptMethod
-from sparsedoc.train.recipe import run_recipe
+from sparsedoc.recipes.train_prompt import main
 
 if __name__ == "__main__":
-    run_recipe(PromptMethod(), str(Path(__file__).parent / "configs" / "prompt_demo.yaml"))
+    main()

@@ -1,8 +1,12 @@
 """The ``sparsedoc`` command: one front door to the recipes and tools.
 
+    sparsedoc --version
+    sparsedoc env [--json]                          versions, CUDA/bf16/flash-attn, DeepSpeed ops
+
     sparsedoc prepare NAME --src PATH --out DIR     convert a dataset to the unified schema
     sparsedoc prepare mixture CONFIG.yaml --out DIR mix converted sets with weights
-    sparsedoc train {moe,lora,full,prompt} [--config Y] [--ds J] [key=value ...]
+    sparsedoc train METHOD [--gpus N] [--config Y] [--ds zero2] [key=value ...]
+                                                    METHOD: lora_moe, lora, full, prompt
     sparsedoc benchmark [...]                       step time / memory, side by side
     sparsedoc evaluate --model M --tasks T1,T2 [k=v] benchmark scores -> eval/<task>.json
     sparsedoc report RUN_DIR... [--out DIR]         mean +/- std table, CSV and chart over runs
@@ -11,31 +15,43 @@
     sparsedoc sweep {moe,lora,full,prompt} --out DIR --seeds 0,1,2 [--param K --values a,b]
     sparsedoc export SOURCE OUT [--mode M] [--dtype D] [--force]   verified, servable export
 
-Training through this command runs in one process; for several GPUs or CPU ranks use the
-``deepspeed`` launcher on ``recipes/train_*.py`` as the README shows.
+``sparsedoc train`` runs in this process, or starts the ``deepspeed`` launcher for you with
+``--gpus N`` (N > 1) or ``--launcher "deepspeed --hostfile hosts ..."``.
 """
 
 from __future__ import annotations
 
-import runpy
+import importlib
+import subprocess
 import sys
-from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-TRAIN_RECIPES = {"moe": "train_moe.py", "lora": "train_lora.py", "full": "train_full.py",
-                 "prompt": "train_prompt.py"}
 USAGE = __doc__
 
 
-def _run_recipe(script: str, argv: list[str]) -> int:
-    path = RECIPES / script
-    if not path.is_file():
-        print(f"error: recipe {path} not found (recipes/ ships with the source checkout)",
-              file=sys.stderr)
-        return 2
-    sys.argv = [str(path), *argv]
-    runpy.run_path(str(path), run_name="__main__")
-    return 0
+def _train(argv: list[str]) -> int:
+    import argparse
+
+    from sparsedoc.recipes import TRAIN_MODULES, method_name, train_command
+
+    p = argparse.ArgumentParser(
+        prog="sparsedoc train", description="Train one method on the shared loop. Other "
+        "arguments (--config, --ds, key=value) go to the recipe; see its --help.")
+    p.add_argument("method", help=f"one of: {', '.join(TRAIN_MODULES)}")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="ranks on this node; > 1 starts the deepspeed launcher (CPU ranks too)")
+    p.add_argument("--launcher", default="",
+                   help='launcher command line, e.g. "deepspeed --hostfile hosts"')
+    args, rest = p.parse_known_args(argv)
+    try:
+        method = method_name(args.method)
+    except ValueError as e:
+        p.error(str(e))
+    if args.gpus <= 1 and not args.launcher:
+        importlib.import_module(TRAIN_MODULES[method]).main(rest)
+        return 0
+    cmd = train_command(method, rest, gpus=args.gpus, launcher=args.launcher)
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,18 +60,24 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    if cmd in ("-V", "--version"):
+        from sparsedoc import __version__
+        print(f"sparsedoc {__version__}")
+        return 0
+    if cmd == "env":
+        from sparsedoc.env import main as env_main
+        return env_main(rest)
     if cmd == "prepare":
-        from data_prep.cli import main as prepare_main
+        from sparsedoc.prep.cli import main as prepare_main
         return prepare_main(rest)
     if cmd == "train":
-        if not rest or rest[0] not in TRAIN_RECIPES:
-            print(f"usage: sparsedoc train {{{','.join(TRAIN_RECIPES)}}} [args]", file=sys.stderr)
-            return 2
-        return _run_recipe(TRAIN_RECIPES[rest[0]], rest[1:])
+        return _train(rest)
     if cmd == "benchmark":
-        return _run_recipe("benchmark.py", rest)
+        from sparsedoc.recipes.benchmark import main as bench_main
+        return bench_main(rest) or 0
     if cmd == "evaluate":
-        return _run_recipe("evaluate.py", rest)
+        from sparsedoc.recipes.evaluate import main as evaluate_main
+        return evaluate_main(rest)
     if cmd == "report":
         from sparsedoc.eval.report import main as report_main
         return report_main(rest)

@@ -132,8 +132,8 @@ class AdapterCfg:
 class DataCfg:
     """Unified-schema JSONL files for training and held-out evaluation."""
 
-    train_files: list[str] = field(default_factory=lambda: ["data_prep/demo/train.jsonl"])
-    eval_files: list[str] = field(default_factory=lambda: ["data_prep/demo/eval.jsonl"])
+    train_files: list[str] = field(default_factory=lambda: ["sparsedoc/prep/demo/train.jsonl"])
+    eval_files: list[str] = field(default_factory=lambda: ["sparsedoc/prep/demo/eval.jsonl"])
     eval_fraction: float = 0.0  # carve a seeded held-out split from train when eval_files is empty
     max_seq_len: int = 512
     packing: bool = False  # concatenate records into full rows (block-diagonal attention)

@@ -23,9 +23,9 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-METHODS = {"moe": ("train_moe.py", "lora_moe"), "lora": ("train_lora.py", "lora"),
-           "full": ("train_full.py", "full"), "prompt": ("train_prompt.py", "prompt")}
+from sparsedoc import recipes
+
+METHODS = {"moe": "lora_moe", "lora": "lora", "full": "full", "prompt": "prompt"}
 # short names for the usual swept keys, per method
 PARAM_ALIASES = {
     "rank": {"lora": "adapter.lora.r", "moe": "adapter.moe.r"},
@@ -77,18 +77,13 @@ def plan(method: str, seeds: list[int], out: str | Path, param: str = "",
 
 def train_command(method: str, run: SweepRun, launcher: str = "", ds: str = "",
                   config: str = "") -> list[str]:
-    cmd = shlex.split(launcher) if launcher else [sys.executable]
-    cmd.append(str(RECIPES / METHODS[method][0]))
-    if config:
-        cmd += ["--config", config]
-    if ds:
-        cmd += ["--ds", ds]
-    return cmd + run.overrides
+    args = (["--config", config] if config else []) + (["--ds", ds] if ds else [])
+    return recipes.train_command(METHODS[method], args + run.overrides, launcher=launcher)
 
 
 def eval_command(run: SweepRun, tasks: str, eval_args: list[str]) -> list[str]:
-    return [sys.executable, str(RECIPES / "evaluate.py"), "--model", run.run_dir, "--tasks",
-            tasks, *eval_args]
+    return [sys.executable, "-m", "sparsedoc.recipes.evaluate", "--model", run.run_dir,
+            "--tasks", tasks, *eval_args]
 
 
 def _write_manifest(out: Path, meta: dict, runs: list[SweepRun], status: dict[str, str]) -> None:

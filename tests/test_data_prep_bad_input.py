@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import bentsao, chinese_medical_dialogue, cli, cmexam, cmmlu_med, medqa, mts_dialog, \
+from sparsedoc.prep import bentsao, chinese_medical_dialogue, cli, cmexam, cmmlu_med, medqa, mts_dialog, \
     sumpubmed
-from data_prep.common import ConvertError
+from sparsedoc.prep.common import ConvertError
 
 CMEXAM_HEADER = "Question,Options,Answer,Explanation\r\n"
 MTS_HEADER = "ID,section_header,section_text,dialogue\r\n"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import cli, cmb, cmexam, cmmlu_med, pubmedqa
-from data_prep.registry import REGISTRY, get_info
+from sparsedoc.prep import cli, cmb, cmexam, cmmlu_med, pubmedqa
+from sparsedoc.prep.registry import REGISTRY, get_info
 from sparsedoc.data.schema import read_jsonl, record_kind
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_unknown_dataset_and_usage(capsys):
 
 def test_module_entry_points(shared_data, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, "-m", "data_prep.mts_dialog", "--src",
+    run = subprocess.run([sys.executable, "-m", "sparsedoc.prep.mts_dialog", "--src",
                           str(shared_data / "mts_dialog"), "--out", str(tmp_path / "mts")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

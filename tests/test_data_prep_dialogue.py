@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import aci_bench, bentsao, chinese_medical_dialogue, mts_dialog, sumpubmed
+from sparsedoc.prep import aci_bench, bentsao, chinese_medical_dialogue, mts_dialog, sumpubmed
 from sparsedoc.data.schema import read_jsonl
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import cmb, cmexam, cmmlu_med, medqa
+from sparsedoc.prep import cmb, cmexam, cmmlu_med, medqa
 from sparsedoc.data.schema import read_jsonl
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_prep import bentsao, chinese_medical_dialogue, cli, cmexam
-from data_prep.common import ConvertError
-from data_prep.mixture import MixtureConfig, allocate, build_mixture, load_manifest
+from sparsedoc.prep import bentsao, chinese_medical_dialogue, cli, cmexam
+from sparsedoc.prep.common import ConvertError
+from sparsedoc.prep.mixture import MixtureConfig, allocate, build_mixture, load_manifest
 from sparsedoc.data.schema import read_jsonl
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from data_prep import cmb, pubmedqa
+from sparsedoc.prep import cmb, pubmedqa
 from sparsedoc.data.schema import read_jsonl
 
 

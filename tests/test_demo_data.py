@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.demo import build
-from data_prep.demo.facts import DEPARTMENTS, FACTS
+from sparsedoc.prep.demo import build
+from sparsedoc.prep.demo.facts import DEPARTMENTS, FACTS
 from sparsedoc.data.schema import read_jsonl, record_kind, record_label, validate_record
 
 DEMO = Path(build.__file__).resolve().parent
@@ -122,4 +122,4 @@ def test_builder_is_deterministic(tmp_path, capsys):
     for name in build.SPLITS:
         shipped = (DEMO / f"{name}.jsonl").read_bytes()
         assert (tmp_path / f"{name}.jsonl").read_bytes() == shipped, (
-            f"{name}.jsonl is stale: run `python -m data_prep.demo.build`")
+            f"{name}.jsonl is stale: run `python -m sparsedoc.prep.demo.build`")

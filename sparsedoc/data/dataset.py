@@ -19,6 +19,7 @@ from sparsedoc.config import DataCfg
 from sparsedoc.data.collate import PackCollator, PadCollator, pack_examples
 from sparsedoc.data.schema import read_jsonl, record_label
 from sparsedoc.data.tokenize import TokenizedExample, TokenizeStats, tokenize_records
+from sparsedoc.resources import resolve_path
 
 
 class ResumableSampler(Sampler[int]):
@@ -129,7 +130,8 @@ def prepare_data(cfg: DataCfg, tokenizer, seed: int, progress: bool = False) -> 
         [], TokenizeStats())
     if cfg.packing:
         train = pack_examples(train, cfg.max_seq_len)
-    manifests = [p for f in cfg.train_files if (p := Path(f).parent / "manifest.json").is_file()]
+    manifests = [p for f in cfg.train_files
+                 if (p := resolve_path(f).parent / "manifest.json").is_file()]
     stats = {"train": train_stats.as_dict(), "eval": eval_stats.as_dict(),
              "train_rows": len(train), "labels": label_vocab,
              "skipped_ids": {"train": train_stats.skipped_no_target,

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from sparsedoc.resources import resolve_path
+
 ROLES = ("system", "user", "assistant")
 OPTION_LETTERS = "ABCDEFGHIJ"
 
@@ -122,9 +124,10 @@ def record_label(record: dict) -> str | None:
 def iter_jsonl(path: str | os.PathLike, validate: bool = True) -> Iterator[dict]:
     """Yield records of a unified JSONL file; a malformed line raises with file and line number.
 
-    Blank lines are allowed and ignored (they carry no record).
+    Blank lines are allowed and ignored (they carry no record). A bundled file is named by its
+    source-tree path (``sparsedoc/prep/demo/train.jsonl``) and found in the installed package.
     """
-    path = Path(path)
+    path = resolve_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     with path.open("r", encoding="utf-8") as f:

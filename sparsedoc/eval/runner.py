@@ -20,6 +20,7 @@ from sparsedoc.config import EvalCfg
 from sparsedoc.eval.cache import PredictionCache, cache_key
 from sparsedoc.eval.load import load_for_eval
 from sparsedoc.eval.tasks import Task, expand_tasks, item_label, load_task
+from sparsedoc.resources import resolve_path
 
 log = logging.getLogger("sparsedoc")
 
@@ -143,9 +144,7 @@ def _routing(model, tokenizer, info: dict, task_records: dict[str, list[dict]], 
         if not files:
             files = run_cfg.data.eval_files
     for f in files:
-        p = Path(f)
-        if not p.is_file() and not p.is_absolute():
-            p = Path(__file__).resolve().parents[2] / f  # relative to the checkout, as recipes
+        p = resolve_path(f)
         if p.is_file():
             sets[f"file-{p.stem}"] = read_jsonl(p)
         else:

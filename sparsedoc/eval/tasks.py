@@ -59,7 +59,7 @@ def expand_tasks(names: list[str]) -> list[str]:
 
 
 def _canonical(name: str) -> str:
-    from data_prep.registry import resolve
+    from sparsedoc.prep.registry import resolve
 
     try:
         return resolve(name)

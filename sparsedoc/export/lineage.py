@@ -17,6 +17,7 @@ import yaml
 
 from sparsedoc.checkpoint import list_checkpoints
 from sparsedoc.models.load import EMBEDDED_DIRNAME, EMBEDDED_NAMES
+from sparsedoc.resources import is_bundled_demo_file
 
 NOT_RECORDED = "not recorded"
 
@@ -25,7 +26,7 @@ NOT_RECORDED = "not recorded"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_LICENSE = "Apache-2.0"
 # The bundled demo set is written for the project and released under its license
-# (data_prep/demo/README.md, "License"; tests/test_export_card.py checks the two agree).
+# (sparsedoc/prep/demo/README.md, "License"; tests/test_export_card.py checks the two agree).
 DEMO_LICENSE = "Apache-2.0"
 
 _NON_COMMERCIAL = re.compile(
@@ -84,11 +85,6 @@ def _locate(source: Path) -> tuple[str, Path | None, Path | None]:
     return kind, run, ckpt
 
 
-def _is_demo_file(path: str) -> bool:
-    p = Path(path)
-    return p.parent.name == "demo" and p.parent.parent.name == "data_prep"
-
-
 def _manifest_datasets(manifest: dict, file_name: str, train_names: set[str]) -> list[dict]:
     """Dataset rows of one data manifest (a mixture lists its sources; a conversion is one)."""
     if manifest.get("kind") == "mixture":
@@ -126,17 +122,18 @@ def _datasets(config: dict | None, manifests: list[dict], data_stats: dict | Non
         rows += _manifest_datasets(m["manifest"], m["file"], train_names)
     # The trainer copies the manifest beside each training file that has one; a file whose
     # manifest cannot be told apart (fewer manifests than files, none beside it now) is unknown.
-    other = [f for f in train_files if not _is_demo_file(f)]
+    other = [f for f in train_files if not is_bundled_demo_file(f)]
     unmatched = [] if len(manifests) >= len(other) else \
         [f for f in other if not (Path(f).parent / "manifest.json").is_file()]
     for role, files in (("train", train_files), ("held-out eval", eval_files)):
         for f in files:
             count = stats_records["train" if role == "train" else "eval"] \
                 if len(files) == 1 else None
-            if _is_demo_file(f):
+            if is_bundled_demo_file(f):
                 rows.append({"name": "sparsedoc demo set", "role": role, "records": count,
                              "license": DEMO_LICENSE, "non_commercial": False, "hf": None,
-                             "origin": f"{f} (written for sparsedoc, bundled in data_prep/demo/)",
+                             "origin": f"{f} (written for sparsedoc, bundled in "
+                                       "sparsedoc/prep/demo/)",
                              "recorded_in": "bundled with sparsedoc"})
             elif role != "train" or f in unmatched:
                 rows.append({"name": Path(f).name, "role": role, "records": count,

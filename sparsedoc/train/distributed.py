@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from sparsedoc.config import Config, ConfigError
+from sparsedoc.resources import ds_config_path
 
 
 def free_port() -> int:
@@ -121,9 +122,7 @@ def build_ds_config(template: dict | str | Path, cfg: Config, world_size: int,
     """Fill a DeepSpeed config template from ``cfg``; reject unresolved or conflicting values."""
     src = str(template) if not isinstance(template, dict) else "ds_config"
     if not isinstance(template, dict):
-        path = Path(template)
-        if not path.is_file():
-            raise FileNotFoundError(f"DeepSpeed config not found: {path}")
+        path = ds_config_path(str(template))
         try:
             template = json.loads(path.read_text())
         except json.JSONDecodeError as e:

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from sparsedoc.config import Config, ConfigError, load_config
+from sparsedoc.resources import ds_config_path, recipe_config_path
 from sparsedoc.train.method import Method
-
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def parse_args(argv: list[str] | None, default_config: str, method_name: str
@@ -22,13 +20,14 @@ def parse_args(argv: list[str] | None, default_config: str, method_name: str
         description=f"Train with method '{method_name}'. Extra arguments are config overrides, "
                     "e.g. train.max_steps=200 adapter.moe.num_experts=8")
     p.add_argument("--config", default=default_config, help="YAML run config (default: %(default)s)")
-    p.add_argument("--ds", default=str(RECIPES_DIR.parent / "ds_configs" / "zero2.json"),
-                   help="DeepSpeed JSON template; 'auto' values are filled from the config")
+    p.add_argument("--ds", default="zero2",
+                   help="DeepSpeed JSON template, a path or a bundled name (zero2, zero3, "
+                        "zero3_offload); 'auto' values are filled from the config")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides + [f"adapter.method={method_name}"])
-    return cfg, args.ds
+    cfg = load_config(str(recipe_config_path(args.config)), args.overrides + [f"adapter.method={method_name}"])
+    return cfg, str(ds_config_path(args.ds))
 
 
 def run_recipe(method: Method, default_config: str, argv: list[str] | None = None):

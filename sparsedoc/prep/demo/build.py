@@ -1,4 +1,4 @@
-"""Render facts.py into the demo dataset: ``python -m data_prep.demo.build [--out DIR]``.
+"""Render facts.py into the demo dataset: ``python -m sparsedoc.prep.demo.build [--out DIR]``.
 
 Every fact becomes four records (en/zh chat, en/zh MCQ). The split is by fact, not by record: a
 seeded ~15% of each department's facts go to eval with all four renderings, so eval loss measures
@@ -15,7 +15,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from data_prep.demo.facts import FACTS, Fact, Side
+from sparsedoc.prep.demo.facts import FACTS, Fact, Side
 from sparsedoc.data.schema import validate_record, write_jsonl
 
 SEED = 2024

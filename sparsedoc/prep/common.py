@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from data_prep.readers import Context, ConvertError, Row, SourceFile, find_files, load_hf, \
+from sparsedoc.prep.readers import Context, ConvertError, Row, SourceFile, find_files, load_hf, \
     split_from_name
-from data_prep.records import RowError, content_key
+from sparsedoc.prep.records import RowError, content_key
 from sparsedoc.data.schema import RecordError, SkipReport, record_label, validate_record, \
     write_jsonl
 
@@ -236,7 +236,7 @@ def _report(info, ctx: Context, results: dict, **run: Any) -> dict:
 
 
 def _write_outputs(out: Path, info, results: dict, report: dict, t0: float) -> None:
-    from data_prep.card import render_card  # card rendering is its own concern
+    from sparsedoc.prep.card import render_card  # card rendering is its own concern
 
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale(out, set(results))
@@ -248,7 +248,7 @@ def _write_outputs(out: Path, info, results: dict, report: dict, t0: float) -> N
                           "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     report["outputs"] = outputs
     report["seconds"] = round(time.perf_counter() - t0, 3)
-    manifest = {"kind": "conversion", "created_by": f"data_prep.{info.module}",
+    manifest = {"kind": "conversion", "created_by": f"sparsedoc.prep.{info.module}",
                 **{k: report[k] for k in ("source", "title", "license", "non_commercial", "src",
                                           "hf", "strict", "seed", "options", "totals")},
                 "inputs": [{k: f[k] for k in ("path", "sha256", "encoding")}

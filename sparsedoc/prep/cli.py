@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from data_prep.registry import REGISTRY, get_info, load_converter
+from sparsedoc.prep.registry import REGISTRY, get_info, load_converter
 
 USAGE = ("usage: prepare list | prepare NAME --src PATH --out DIR [--strict] [--hf ID] [--seed N]"
          " | prepare mixture CONFIG.yaml --out DIR")
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(list_datasets())
         return 0
     if command == "mixture":
-        from data_prep.mixture import main as mixture_main
+        from sparsedoc.prep.mixture import main as mixture_main
         return mixture_main(rest)
     try:
         info = get_info(command)

@@ -101,4 +101,4 @@ def get_info(name: str) -> DatasetInfo:
 
 def load_converter(name: str) -> ModuleType:
     """The converter module of ``name``, imported on demand (keeps ``prepare list`` light)."""
-    return importlib.import_module(f"data_prep.{get_info(name).module}")
+    return importlib.import_module(f"sparsedoc.prep.{get_info(name).module}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_prep.records import RowError, looks_chinese
+from sparsedoc.prep.records import RowError, looks_chinese
 
 # Quoted fields of real files can exceed csv's default 128 KiB limit (full encounter transcripts).
 csv.field_size_limit(1 << 30)

@@ -42,7 +42,7 @@ def render_card(info, report: dict, example: dict | None) -> str:
                   "ship models trained on it in a commercial product.", ""]
     origin = f"Hugging Face hub `{report['hf']}`" if report["hf"] else f"`{report['src']}`"
     lines += [f"- source: {info.homepage}",
-              f"- converted from: {origin} by `data_prep.{info.module}` "
+              f"- converted from: {origin} by `sparsedoc.prep.{info.module}` "
               f"(seed {report['seed']}, strict {report['strict']})",
               f"- license: {report['license']}",
               f"- task: {report['task']}; language: {report['lang']}; "
