@@ -187,12 +187,38 @@ def test_multi_answer_items_need_the_whole_set():
     assert s["n_multi_answer"] == 1
 
 
-def test_intervals_and_seed_statistics():
-    from scipy.stats import binomtest
+def _bisect(f, lo: float, hi: float, iters: int = 200) -> float:
+    """The root of a function that changes sign once on [lo, hi] (f(lo) > 0 >= f(hi))."""
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
+    return (lo + hi) / 2
 
-    for k, n in [(6, 8), (0, 10), (10, 10), (31, 100)]:
-        ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-        assert wilson_interval(k, n) == pytest.approx((ref.low, ref.high), abs=1e-9)
+
+def _wilson_by_inversion(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Reference Wilson interval, from its definition rather than its closed form: the set of
+    proportions p0 that the two-sided score test |p_hat - p0| / sqrt(p0 (1 - p0) / n) <= z does
+    not reject, each end found by bisection; z is found by bisection on the normal CDF (erf)."""
+    z = _bisect(lambda x: (1 + level) / 2 - 0.5 * (1 + math.erf(x / math.sqrt(2))), 0.0, 10.0)
+    p_hat = k / n
+
+    def stat(p0: float) -> float:  # the score statistic, |.| minus z: > 0 means rejected
+        return abs(p_hat - p0) / math.sqrt(p0 * (1 - p0) / n) - z
+
+    lo = 0.0 if k == 0 else _bisect(stat, 0.0, p_hat)
+    hi = 1.0 if k == n else 1 - _bisect(lambda q: stat(1 - q), 0.0, 1 - p_hat)
+    return lo, hi
+
+
+def test_intervals_and_seed_statistics():
+    # hand-checked: at 0/n the upper end is z^2 / (n + z^2) = 3.8415 / 13.8415 for n = 10
+    assert _wilson_by_inversion(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
+    assert _wilson_by_inversion(10, 10) == pytest.approx((0.72247, 1.0), abs=1e-5)
+    assert _wilson_by_inversion(6, 8) == pytest.approx((0.40928, 0.92852), abs=1e-5)
+    for k, n in [(6, 8), (0, 10), (10, 10), (31, 100), (1, 3), (999, 1000)]:
+        assert wilson_interval(k, n) == pytest.approx(_wilson_by_inversion(k, n), abs=1e-9)
+    # not the Wald interval p_hat -/+ z sqrt(p_hat (1 - p_hat) / n), [0.450, 1.050] at 6/8
+    assert wilson_interval(6, 8)[1] < 0.93 < 0.75 + 0.300
     assert all(math.isnan(x) for x in wilson_interval(0, 0))
     lo, hi = bootstrap_interval([0.0, 1.0] * 50, samples=2000, seed=1)
     assert lo < 0.5 < hi and hi - lo == pytest.approx(0.2, abs=0.05)

@@ -193,6 +193,79 @@ def test_mixtral_export_refuses_a_per_linear_moe(tiny_model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the (possibly sharded) safetensors files in ``folder``."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _expected_gates(x: torch.Tensor, w_router: torch.Tensor, u: torch.Tensor, top_k: int
+                    ) -> torch.Tensor:
+    """(T, E) gates as docs/method.md and the router's docstring define them, in float64:
+    logits of the input with its component along the calibrated unit direction u removed,
+    (I - u u^T) x, scored by W_r; softmax; the top k kept and renormalised over themselves
+    (top-1 keeps its raw probability); zero for the experts not chosen."""
+    x_perp = x - torch.outer(x @ u, u)
+    probs = torch.softmax(x_perp @ w_router.t(), dim=-1)
+    top_p, top_i = probs.topk(top_k, dim=-1)
+    if top_k > 1:
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+    return torch.zeros_like(probs).scatter(1, top_i, top_p)
+
+
+def _dense_reference(trained, tiny_model_dir: Path, adapter: Path, calib_file: Path,
+                     tokenizer) -> dict[str, dict[str, torch.Tensor]]:
+    """The documented dense weights of every routed linear, ``W + sum_e g_e s B_e A_e`` with
+    ``g_e`` the mean gate over every real token of the calibration records, rebuilt here from
+    the base model's and the adapter's files (not from the exporter's code), with the gates
+    recomputed from the router weights and the inputs each linear sees in the routed model
+    (captured with forward hooks, one record at a time: no padding involved). Alongside, the
+    weights an exporter that ignored the gates would write: uniform 1/E and all-ones."""
+    from sparsedoc.data.dataset import load_records
+    from sparsedoc.data.tokenize import tokenize_records
+
+    meta = json.loads((adapter / "adapter_config.json").read_text())
+    moe = meta["moe"]
+    E, k, s = moe["num_experts"], moe["top_k"], moe["alpha"] / moe["r"]
+    ad = {n: t.double() for n, t in _safetensors_dir(adapter).items()}
+    base = {n: t.double() for n, t in _safetensors_dir(tiny_model_dir).items()}
+    names = [n for n in meta["modules"] if f"{n}.lora_A" in ad]
+    assert len(names) == 14  # 7 projections x 2 layers: every one is checked
+
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = [trained.get_submodule(n).register_forward_pre_hook(
+        lambda mod, args, n=n: inputs[n].append(args[0].reshape(-1, args[0].shape[-1])))
+        for n in names]
+    rows, _ = tokenize_records(load_records([str(calib_file)]), tokenizer, max_seq_len=512)
+    try:
+        with torch.no_grad():
+            for r in rows:
+                trained(input_ids=torch.tensor([r.input_ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    n_tokens = sum(len(r.input_ids) for r in rows)
+
+    out = {}
+    for n in names:
+        x = torch.cat(inputs[n]).double()
+        assert x.shape[0] == n_tokens
+        g = _expected_gates(x, ad[f"{n}.router.weight"], ad[f"{n}.router.shared_direction"],
+                            k).mean(0)
+        deltas = [s * ad[f"{n}.lora_B"][e] @ ad[f"{n}.lora_A"][e] for e in range(E)]
+        w0 = base[f"{n}.weight"]
+        if f"{n}.shared_A" in ad:  # the always-on expert is merged whole
+            w0 = w0 + s * ad[f"{n}.shared_B"] @ ad[f"{n}.shared_A"]
+        out[n] = {"expected": w0 + sum(g[e] * deltas[e] for e in range(E)),
+                  "uniform": w0 + sum(deltas) / E, "all_ones": w0 + sum(deltas),
+                  "gates": g}
+    return out
+
+
 def test_dense_export_reports_the_real_gap(tiny_model_dir, toy_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -201,7 +274,7 @@ def test_dense_export_reports_the_real_gap(tiny_model_dir, toy_data, tmp_path):
     from sparsedoc.data.tokenize import tokenize_records
     from sparsedoc.models.load import load_tokenizer
 
-    cfg = MoECfg(num_experts=4, top_k=2, r=4)
+    cfg = MoECfg(num_experts=4, top_k=2, r=4, shared_expert=True)
     trained, adapter = _moe_adapter(tmp_path, tiny_model_dir, cfg)
     meta = _export(adapter, tmp_path / "out", mode="dense", data=[str(toy_data[1])])
     gap = meta["dense_gap"]
@@ -238,6 +311,24 @@ def test_dense_export_reports_the_real_gap(tiny_model_dir, toy_data, tmp_path):
                     calib_data=[str(toy_data[0])])
     assert meta2["dense_gap"]["calibration_source"] == "--calib-data"
     assert meta2["dense_gap"]["calibration_records"] == 48  # the toy train set, all of it
+
+    # The weights are the documented merge: W + sum_e mean_gate_e * s B_e A_e, gates recomputed
+    # here (tests/test_export.py::_dense_reference), compared with what the file holds.
+    ref = _dense_reference(trained, tiny_model_dir, adapter, toy_data[0], tok)
+    written = _safetensors_dir(tmp_path / "out2")
+    base = _safetensors_dir(tiny_model_dir)
+    assert set(written) == set(base)  # a plain Llama of the base architecture, nothing else
+    for name in set(base) - {f"{n}.weight" for n in ref}:
+        assert torch.equal(written[name], base[name]), name  # untouched: norms, embeddings
+    tol = 1e-5
+    miss = {kind: max(float((written[f"{n}.weight"].double() - r[kind]).abs().max())
+                      for n, r in ref.items()) for kind in ("expected", "uniform", "all_ones")}
+    assert miss["expected"] < tol, miss
+    # negative control: exports that ignore the gates are far outside that tolerance, so this
+    # test fails them (the gates measured here are far from uniform, and sum to 1 per token)
+    assert miss["uniform"] > 100 * tol and miss["all_ones"] > 100 * tol, miss
+    for r in ref.values():
+        assert float(r["gates"].sum()) == pytest.approx(1.0)  # top-k renormalised gates
 
 
 # ---- guards ----------------------------------------------------------------------------------------

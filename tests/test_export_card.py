@@ -1,6 +1,7 @@
 """The model card of an export: lineage read from the run, licenses, dense warning, verification.
 
-Fast: fake run folders (with a data manifest written by the real mixture builder) and no model.
+Fast: fake run folders (with a data manifest written by the real mixture builder) and no model,
+except the last test, which trains the demo recipe for 4 steps on a tiny random Llama.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_prep.mixture import MixSource, MixtureConfig, build_mixture
-from data_prep.registry import REGISTRY
+from sparsedoc.prep.mixture import MixSource, MixtureConfig, build_mixture
+from sparsedoc.prep.registry import REGISTRY
 from sparsedoc.data.schema import write_jsonl
 from sparsedoc.export.card import write_model_card
 from sparsedoc.export.lineage import DEMO_LICENSE, collect_lineage, is_non_commercial
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_RUN = REPO / "runs" / "moe-demo"
 
 VERIFICATION = {"passed": True, "max_abs_logit_diff": 1.2e-5, "mean_abs_logit_diff": 3e-7,
                 "tolerance": 1e-3, "greedy_match": True, "samples": 4,
@@ -39,7 +39,7 @@ def _converted(root: Path, name: str, license_text: str, non_commercial: bool) -
         "meta": {"source": name, "task": "qa", "lang": "en", "label": "cardiology"}}
         for i in range(6)]
     write_jsonl(folder / "train.jsonl", records)
-    manifest = {"kind": "conversion", "created_by": f"data_prep.{name}", "source": name,
+    manifest = {"kind": "conversion", "created_by": f"sparsedoc.prep.{name}", "source": name,
                 "title": name, "license": license_text, "non_commercial": non_commercial,
                 "src": f"/data/{name}", "hf": None, "inputs": [],
                 "outputs": {"train": {"path": "train.jsonl", "records": len(records)}}}
@@ -228,7 +228,7 @@ def test_non_commercial_detection_agrees_with_the_dataset_registry(name):
 
 
 def test_demo_license_is_the_one_its_readme_and_the_project_state():
-    readme = (REPO / "data_prep" / "demo" / "README.md").read_text()
+    readme = (REPO / "sparsedoc" / "prep" / "demo" / "README.md").read_text()
     assert f"released under the project's license, {DEMO_LICENSE}" in readme
     assert f'license = "{DEMO_LICENSE}"' in (REPO / "pyproject.toml").read_text()
 
@@ -299,11 +299,38 @@ def test_missing_fields_say_not_recorded(tmp_path):
     assert "APPROXIMATE" in text and "Measured gap: not recorded." in text
 
 
-# ---- the real demo run ---------------------------------------------------------------------------
-@pytest.mark.skipif(not (DEMO_RUN / "checkpoints").is_dir(), reason="no runs/moe-demo here")
-def test_card_of_the_real_demo_run(tmp_path):
-    lineage = collect_lineage(DEMO_RUN)
-    assert lineage["step"] is not None
+# ---- a real demo run -----------------------------------------------------------------------------
+def _train_demo_run(tiny_model_dir: Path, root: Path) -> Path:
+    """A run folder made by the trainer itself: the demo recipe with its own config (the embedded
+    base, the bundled demo set), cut to 4 steps, with the tiny random Llama standing in for the
+    embedded SmolLM2 in the embedded model's cache folder (no 135M model is trained here)."""
+    import os
+    import subprocess
+    import sys
+
+    from sparsedoc.models.load import EMBEDDED_DIRNAME
+
+    cache = root / "cache"
+    shutil.copytree(tiny_model_dir, cache / EMBEDDED_DIRNAME)
+    run = root / "moe-demo"
+    cmd = [sys.executable, str(REPO / "recipes" / "train_moe.py"), f"model.cache_dir={cache}",
+           f"train.output_dir={run}", "train.max_steps=4", "train.micro_batch_size=4",
+           "train.warmup_steps=1", "train.eval_every=4", "train.eval_batches=1",
+           "train.save_every=4", "train.log_every=1", "logging.wandb=false"]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return run
+
+
+@pytest.mark.slow  # trains (a tiny model, in a subprocess), like test_resume.py
+def test_card_of_a_real_demo_run(tiny_model_dir, tmp_path):
+    run = _train_demo_run(tiny_model_dir, tmp_path)
+    lineage = collect_lineage(run)
+    assert lineage["step"] == 4
+    assert Path(lineage["summary"]["model"]).parent == tmp_path / "cache"  # the tiny stand-in
     assert [d["name"] for d in lineage["datasets"] if d["role"] == "train"] == [
         "sparsedoc demo set"]
     text = write_model_card(tmp_path, {"mode": "routed", "method": "lora_moe",
