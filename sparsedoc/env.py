@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import os
 import platform
 import sys
 
@@ -76,11 +77,12 @@ def format_report(r: dict) -> str:
     lines = [f"sparsedoc {r['sparsedoc']}   python {r['python']}   {r['platform']}", "",
              "packages:"]
     lines += [f"  {k:<16} {v or 'not installed'}" for k, v in r["packages"].items()]
-    lines += ["", "accelerator:",
-              f"  CUDA             {'yes (' + str(acc['cuda_version']) + ')' if acc['cuda_available'] else 'no'}",
+    cuda = f"yes ({acc['cuda_version']})" if acc["cuda_available"] else "no"
+    flash = "importable" if acc["flash_attn_importable"] else "no (sdpa is used)"
+    lines += ["", "accelerator:", f"  CUDA             {cuda}",
               f"  devices          {', '.join(acc['devices']) or 'none (CPU ranks use gloo)'}",
               f"  bf16             {'yes' if acc['bf16'] else 'no'}",
-              f"  flash-attn       {'importable' if acc['flash_attn_importable'] else 'no (sdpa is used)'}",
+              f"  flash-attn       {flash}",
               f"  backends         nccl={acc['nccl']} gloo={acc['gloo']}"]
     ops = r["deepspeed_ops"]
     lines += ["", "deepspeed ops (compatible here):"]
@@ -91,7 +93,8 @@ def format_report(r: dict) -> str:
     emb = r["embedded_model"]
     lines += ["", "embedded model (SmolLM2-135M-Instruct):",
               f"  cache folder     {emb['path']}",
-              f"  state            {emb['state']}" + (f" ({emb['reason']})" if emb.get("reason") else "")]
+              f"  state            {emb['state']}"
+              + (f" ({emb['reason']})" if emb.get("reason") else "")]
     return "\n".join(lines)
 
 
@@ -101,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sparsedoc env", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
-    r = report()
+    # DeepSpeed logs to stdout on import; keep stdout for the report alone (--json is parsed)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        r = report()
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
     print(json.dumps(r, indent=2) if args.json else format_report(r))
     return 0

