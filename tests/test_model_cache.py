@@ -139,18 +139,28 @@ class _Recorder(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _resolve_and_hash_child(cache_dir: str, out: str, barrier) -> None:
+def _resolve_and_hash_child(cache_dir: str, out: str, rank: int, world: int, store: str,
+                            barrier) -> None:
+    """One rank of a real gloo process group, as under the deepspeed launcher: transformers
+    writes checkpoints only on global rank 0 once torch.distributed is initialised, which is
+    what broke the first multi-rank run. Rank 0 arrives last, so a rank > 0 converts."""
     import hashlib
 
     import torch
+    import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
     from sparsedoc.models.load import resolve_model_path
 
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     recorder = _Recorder()
     logging.getLogger("sparsedoc").addHandler(recorder)
     logging.getLogger("sparsedoc").setLevel(logging.INFO)
     barrier.wait()
+    if rank == 0:
+        lock = Path(cache_dir) / (EMBEDDED_DIRNAME + ".lock")
+        while not lock.exists():  # another rank holds the build
+            time.sleep(0.05)
     path = resolve_model_path(ModelCfg(name_or_path="embedded", cache_dir=cache_dir))
     state = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
     digest = hashlib.sha256()
@@ -159,6 +169,8 @@ def _resolve_and_hash_child(cache_dir: str, out: str, barrier) -> None:
     Path(out).write_text(json.dumps({"path": path, "sha256": digest.hexdigest(),
                                      "converted": sum(m.startswith("converting")
                                                       for m in recorder.messages)}))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -167,11 +179,14 @@ def test_ranks_on_an_empty_cache_convert_once_and_load_the_same_weights(tmp_path
 
     cache = tmp_path / "cache"
     outs = [tmp_path / f"rank{i}.json" for i in range(3)]
-    _run_together(_resolve_and_hash_child, [(str(cache), str(o)) for o in outs], timeout=600)
+    store = tmp_path / "store"
+    _run_together(_resolve_and_hash_child,
+                  [(str(cache), str(o), i, 3, str(store)) for i, o in enumerate(outs)],
+                  timeout=600)
     results = [json.loads(o.read_text()) for o in outs]
     assert {r["path"] for r in results} == {str(cache / EMBEDDED_DIRNAME)}
     assert len({r["sha256"] for r in results}) == 1
-    assert sum(r["converted"] for r in results) == 1
+    assert sum(r["converted"] for r in results) == 1 and results[0]["converted"] == 0
     assert check_model_folder(cache / EMBEDDED_DIRNAME) is None
     assert sorted(p.name for p in cache.iterdir()) == [EMBEDDED_DIRNAME, EMBEDDED_DIRNAME + ".lock"]
 

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from sparsedoc.train.distributed import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+EXTENSIONS = Path(tempfile.gettempdir()) / "sparsedoc-wheel-test-torch-extensions"
 
 
 def _run(cmd: list, cwd: Path, timeout: int = 900, env: dict | None = None) -> str:
@@ -33,12 +35,14 @@ def _run(cmd: list, cwd: Path, timeout: int = 900, env: dict | None = None) -> s
 
 
 def _env() -> dict:
-    """No path from this checkout or this venv leaks into the child."""
+    """No path from this checkout or this venv leaks into the child. DeepSpeed JIT-builds its
+    CPU ops per install path: the wheel's venv builds into a folder of its own, so it does not
+    invalidate (and make every later test rebuild) this venv's build."""
     drop = ("PYTHONPATH", "VIRTUAL_ENV", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
             "MASTER_PORT", "WANDB_DIR")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline",
-            "HF_HUB_OFFLINE": "1"}
+            "HF_HUB_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 
 def _convert(gguf_path: Path, tmp: Path, out_dir: Path) -> None:
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to %s (once)", gguf_path, out_dir)
@@ -75,7 +76,17 @@ def _convert(gguf_path: Path, tmp: Path, out_dir: Path) -> None:
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion of {gguf_path}: missing={missing} "
                            f"unexpected={unexpected}")
-    model.save_pretrained(tmp, safe_serialization=True)
+    # Not model.save_pretrained: under torch.distributed it writes only on global rank 0, so a
+    # rank > 0 that won the lock would leave a folder with no config and no weights (the
+    # "Unrecognized model" failure of a first multi-rank run). Config, weights and tokenizer
+    # are written here on whichever rank builds.
+    config.architectures = [type(model).__name__]  # as save_pretrained records it
+    config.save_pretrained(tmp)
+    state = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # the embedding itself, as save_pretrained drops it
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(tmp)
