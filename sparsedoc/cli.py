@@ -34,19 +34,23 @@ def _train(argv: list[str]) -> int:
     from sparsedoc.recipes import TRAIN_MODULES, method_name, train_command
 
     p = argparse.ArgumentParser(
-        prog="sparsedoc train", description="Train one method on the shared loop. Other "
-        "arguments (--config, --ds, key=value) go to the recipe; see its --help.")
-    p.add_argument("method", help=f"one of: {', '.join(TRAIN_MODULES)}")
+        prog="sparsedoc train", add_help=False,
+        description="Train one method on the shared loop. Other arguments (--config, --ds, "
+                    "key=value) go to the recipe: sparsedoc train METHOD --help lists them.")
+    p.add_argument("method", nargs="?", help=f"one of: {', '.join(TRAIN_MODULES)}")
     p.add_argument("--gpus", type=int, default=1,
                    help="ranks on this node; > 1 starts the deepspeed launcher (CPU ranks too)")
     p.add_argument("--launcher", default="",
                    help='launcher command line, e.g. "deepspeed --hostfile hosts"')
     args, rest = p.parse_known_args(argv)
+    if args.method is None:
+        p.print_help()
+        return 0 if {"-h", "--help"} & set(rest) else 2
     try:
         method = method_name(args.method)
     except ValueError as e:
         p.error(str(e))
-    if args.gpus <= 1 and not args.launcher:
+    if args.gpus <= 1 and not args.launcher or {"-h", "--help"} & set(rest):
         importlib.import_module(TRAIN_MODULES[method]).main(rest)
         return 0
     cmd = train_command(method, rest, gpus=args.gpus, launcher=args.launcher)
