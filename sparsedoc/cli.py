@@ -50,7 +50,8 @@ def _train(argv: list[str]) -> int:
         method = method_name(args.method)
     except ValueError as e:
         p.error(str(e))
-    if args.gpus <= 1 and not args.launcher or {"-h", "--help"} & set(rest):
+    wants_help = bool({"-h", "--help"} & set(rest))
+    if wants_help or (args.gpus <= 1 and not args.launcher):  # in this process
         importlib.import_module(TRAIN_MODULES[method]).main(rest)
         return 0
     cmd = train_command(method, rest, gpus=args.gpus, launcher=args.launcher)

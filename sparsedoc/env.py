@@ -56,20 +56,15 @@ def _deepspeed_ops() -> dict:
     return ops
 
 
-def _embedded_cache() -> dict:
-    from sparsedoc.models.load import embedded_cache_state
-
-    return embedded_cache_state()
-
-
 def report() -> dict:
     from sparsedoc import __version__
+    from sparsedoc.models.load import embedded_cache_state
 
     return {"sparsedoc": __version__, "python": sys.version.split()[0],
             "platform": platform.platform(),
             "packages": {p: _version(p) for p in PACKAGES},
             "accelerator": _accelerator(), "deepspeed_ops": _deepspeed_ops(),
-            "embedded_model": _embedded_cache()}
+            "embedded_model": embedded_cache_state()}
 
 
 def format_report(r: dict) -> str:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from sparsedoc import recipes
 
-METHODS = {"moe": "lora_moe", "lora": "lora", "full": "full", "prompt": "prompt"}
+# run-folder and --param alias names; recipes.method_name maps "moe" to lora_moe
+METHODS = ("moe", "lora", "full", "prompt")
 # short names for the usual swept keys, per method
 PARAM_ALIASES = {
     "rank": {"lora": "adapter.lora.r", "moe": "adapter.moe.r"},
@@ -78,7 +79,7 @@ def plan(method: str, seeds: list[int], out: str | Path, param: str = "",
 def train_command(method: str, run: SweepRun, launcher: str = "", ds: str = "",
                   config: str = "") -> list[str]:
     args = (["--config", config] if config else []) + (["--ds", ds] if ds else [])
-    return recipes.train_command(METHODS[method], args + run.overrides, launcher=launcher)
+    return recipes.train_command(method, args + run.overrides, launcher=launcher)
 
 
 def eval_command(run: SweepRun, tasks: str, eval_args: list[str]) -> list[str]:
