@@ -83,8 +83,9 @@ class MoECfg:
     contrastive: Literal["none", "expert", "label"] = "label"
     contrastive_weight: float = 0.1
     temperature: float = 0.1
-    queue_size: int = 256  # vectors per expert (expert) or in total (label)
-    contrastive_tokens: int = 64  # tokens sampled per step for the expert-output contrast
+    # label: past records' routing representations in the memory queue (L x E floats each)
+    queue_size: int = 256
+    contrastive_tokens: int = 64  # tokens per micro-batch the expert contrast runs all E experts on
     collapse_threshold: float = 0.9  # share of tokens sent to one expert that counts as collapse
     collapse_patience: int = 20  # consecutive logged steps above the threshold before warning
 

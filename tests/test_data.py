@@ -193,7 +193,9 @@ def test_pad_collator_pads_with_ignored_labels_and_zero_attention():
     assert batch["attention_mask"][0, 5:].eq(0).all()
     assert batch["attention_mask"][1, 11:].eq(0).all()
     assert batch["labels"][1, 11:].eq(-100).all()
-    assert batch["seq_label_ids"].tolist() == [0, -1]  # unknown label -> -1
+    assert batch["record_label_ids"].tolist() == [0, -1]  # unknown label -> -1
+    assert batch["record_ids"][0].tolist() == [0] * 5 + [-1] * 11
+    assert batch["record_ids"][1].tolist() == [1] * 11 + [-1] * 5
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +217,23 @@ def test_packed_rows_fit_and_keep_every_token_in_order(toy_examples):
     starts = [sum(pieces[:i]) for i in range(len(pieces))]
     assert all(flat_labels[s] == IGNORE_INDEX for s in starts)
     assert len(rows) == len(set(r.record_id for r in rows))
+
+
+def test_packed_batch_keeps_each_records_label(toy_examples):
+    """record_ids / record_label_ids of a packed batch: every record, its own label, its own
+    tokens, in order (not the row's first label)."""
+    vocab = {"cardiology": 0, "neurology": 1}
+    rows = pack_examples(toy_examples[:6], 128)
+    batch = PackCollator(pad_token_id=0, label_vocab=vocab)(rows)
+    assert batch["record_label_ids"].tolist() == [vocab[e.label] for e in toy_examples[:6]]
+    ids = batch["record_ids"]
+    for i, row in enumerate(rows):
+        expect = [r for r, (_, n) in enumerate(row.pieces, start=sum(
+            len(x.pieces) for x in rows[:i])) for _ in range(n)]
+        assert ids[i, :len(row.input_ids)].tolist() == expect
+        assert ids[i, len(row.input_ids):].eq(-1).all()
+    lengths = torch.bincount(ids[ids >= 0])
+    assert lengths.tolist() == [len(e.input_ids) for e in toy_examples[:6]]
 
 
 def test_packed_row_forward_equals_separate_forwards(tiny_model_dir, tok, toy_examples):

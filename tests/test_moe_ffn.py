@@ -64,6 +64,34 @@ def test_ffn_experts_match_per_token_reference(E, k, r):
     assert g[3].abs().sum() > 0  # the router learns from the LM loss through the gates
 
 
+def test_ffn_sampled_expert_outputs_match_per_token_reference():
+    """The expert contrast's inputs: FFN_e(x) - FFN(x) of every expert on the sampled tokens,
+    recorded without changing the layer's output."""
+    from sparsedoc.moe.record import record_routing
+
+    layer = LoRAMoEFFN(make_mlp(), 4, 2, 4, alpha=8)
+    randomise(layer)
+    layer.record_name = "mlp"
+    layer.train()
+    x = torch.randn(2, 5, 16)
+    plain = layer(x)
+    rows = torch.tensor([1, 4, 7])
+    with record_routing(sample_rows=rows) as record:
+        y = layer(x)
+    torch.testing.assert_close(y, plain, rtol=0, atol=1e-6)
+    sample = record.expert_outputs["mlp"]
+    assert sample.outputs.shape == (3, 4, 16)
+    flat = x.reshape(-1, 16)
+    mlp = layer.base_mlp
+    for i, t in enumerate(rows.tolist()):
+        for e in range(4):
+            w = layer.expert_weights(e)
+            h = mlp.act_fn(w["gate"] @ flat[t]) * (w["up"] @ flat[t])
+            torch.testing.assert_close(sample.outputs[i, e], w["down"] @ h - mlp(flat[t]),
+                                       atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sample.top_idx, record.routing["mlp"].top_idx[rows])
+
+
 def test_ffn_with_zero_B_is_the_base_mlp_exactly():
     mlp = make_mlp()
     layer = LoRAMoEFFN(mlp, 4, 2, 4, alpha=8)

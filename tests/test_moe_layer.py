@@ -153,10 +153,7 @@ def test_router_calibration_projects_out_the_shared_direction():
     x = torch.randn(512, d) + offset
     before = torch.bincount(router(x)[2].flatten(), minlength=E)
     assert before.max() > 0.7 * len(x)  # the offset decides the routing
-    router.start_calibration()
-    router.calib_rows = torch.ones(len(x), dtype=torch.bool)
-    router(x)
-    router.finish_calibration()
+    router.set_shared_direction(x.mean(0))
     u = router.shared_direction
     assert torch.allclose(u, x.mean(0) / x.mean(0).norm(), atol=1e-6)
     w_eff = router.weight - (router.weight @ u)[:, None] * u
@@ -167,14 +164,47 @@ def test_router_calibration_projects_out_the_shared_direction():
     torch.testing.assert_close(router(x + 5 * u)[0], router(x)[0], atol=1e-4, rtol=1e-4)
 
 
-def test_router_calibration_ignores_padding_rows():
+def test_router_calibration_input_sums_ignore_padding_rows():
+    """A recorded calibration forward sums the router inputs of real tokens only."""
+    from sparsedoc.moe.record import record_routing
+
     torch.manual_seed(0)
-    router = TopKRouter(8, 2, 1)
+    layer = LoRAMoELinear(nn.Linear(8, 4), num_experts=2, top_k=1, r=2, alpha=4)
+    layer.record_name = "the.layer"
     x = torch.randn(6, 8)
     x[3:] = 1000.0  # padding rows that must not count
-    router.start_calibration()
-    router.calib_rows = torch.tensor([True, True, True, False, False, False])
-    router(x)
-    router.finish_calibration()
-    m = x[:3].mean(0)
-    torch.testing.assert_close(router.shared_direction, m / m.norm())
+    with record_routing(input_rows=torch.tensor([True, True, True, False, False, False])) as rec:
+        layer(x)
+    total, count = rec.input_sums["the.layer"]
+    assert count == 3
+    torch.testing.assert_close(total, x[:3].double().sum(0))
+
+
+def test_sampled_expert_outputs_are_every_experts_delta_on_those_tokens():
+    """The expert contrast's inputs: s B_e A_e x for all E experts (chosen or not) on the
+    sampled tokens, only while training, and the layer output is unchanged."""
+    from sparsedoc.moe.record import record_routing
+
+    torch.manual_seed(0)
+    layer = LoRAMoELinear(nn.Linear(8, 6), num_experts=3, top_k=2, r=2, alpha=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.record_name = "lin"
+    x = torch.randn(2, 4, 8)
+    rows = torch.tensor([0, 5, 6])
+    layer.train()
+    plain = layer(x)
+    with record_routing(sample_rows=rows) as record:
+        y = layer(x)
+    torch.testing.assert_close(y, plain, rtol=0, atol=0)
+    sample = record.expert_outputs["lin"]
+    flat = x.reshape(-1, 8)
+    for i, t in enumerate(rows.tolist()):
+        for e in range(3):
+            torch.testing.assert_close(sample.outputs[i, e], layer.delta_weight(e) @ flat[t],
+                                       atol=1e-6, rtol=1e-5)
+    assert torch.equal(sample.top_idx, record.routing["lin"].top_idx[rows])
+    layer.eval()
+    with record_routing(sample_rows=rows) as record:
+        layer(x)
+    assert record.expert_outputs == {}  # evaluation never pays for the contrast

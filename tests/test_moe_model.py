@@ -1,4 +1,5 @@
-"""LoRA-MoE inside a real (tiny) Llama: injection, training-step invariants, queues, save/load."""
+"""LoRA-MoE inside a real (tiny) Llama: injection, training-step invariants, routing records,
+queues, save/load."""
 
 from __future__ import annotations
 
@@ -8,22 +9,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from sparsedoc.config import Config, MoECfg, load_config
-from sparsedoc.data.collate import PadCollator
+from sparsedoc.data.collate import PackCollator, PadCollator, pack_examples
 from sparsedoc.data.dataset import prepare_data
 from sparsedoc.models.load import enable_activation_checkpointing, load_tokenizer
 from sparsedoc.moe.inject import (inject_lora_moe, load_moe_adapter, moe_layers, routing_layers)
 from sparsedoc.moe.layer import LoRAMoELinear
 from sparsedoc.moe.method import MoEMethod, label_queue, queues_in_sync
-
-
-class PlainEngine:
-    """What the method needs of a DeepSpeed engine, without DeepSpeed: call and .module."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, **kw):
-        return self.module(**kw)
+from sparsedoc.moe.record import record_routing
+from sparsedoc.train.method import model_inputs
 
 
 def load_tiny(path):
@@ -85,7 +78,7 @@ def test_step_changes_only_experts_and_routers(tiny_model_dir, toy_data, contras
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = a_batch(cfg, tiny_model_dir)
     for step in range(2):  # second step has a non-empty queue for the contrast
-        loss, metrics = method.compute_loss(PlainEngine(model), batch, step)
+        loss, metrics = method.compute_loss(model, batch, step)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -99,34 +92,139 @@ def test_step_changes_only_experts_and_routers(tiny_model_dir, toy_data, contras
         assert metrics["moe/contrastive_loss"] > 0
 
 
-def test_label_queue_fills_with_labelled_sequences(tiny_model_dir, toy_data):
+def test_label_queue_fills_with_labelled_records(tiny_model_dir, toy_data):
     cfg = moe_config(tiny_model_dir, toy_data, contrastive="label", queue_size=6)
     method, model = built(cfg, tiny_model_dir)
     batch = a_batch(cfg, tiny_model_dir, n=4)
     queue = label_queue(model)
-    assert queue.vectors.shape == (1, 6, len(routing_layers(model)) * 4)
+    L = len(routing_layers(model))
+    assert queue.vectors.shape == (1, 6, L * 4)
     for step in range(2):
-        method.compute_loss(PlainEngine(model), batch, step)
+        method.compute_loss(model, batch, step)
         method.after_optimizer_step(model, step + 1)
     vecs, labels = queue.get(0)
-    assert len(vecs) == 6  # 8 labelled sequences went in, the ring keeps the newest 6
-    assert sorted(set(labels.tolist())) == sorted(set(batch["seq_label_ids"].tolist()))
-    assert torch.allclose(vecs.norm(dim=-1), torch.ones(6))
+    assert len(vecs) == 6  # 8 labelled records went in, the ring keeps the newest 6
+    assert sorted(set(labels.tolist())) == sorted(set(batch["record_label_ids"].tolist()))
+    # each layer's block is a mean probability vector (sums to 1), scaled by 1/sqrt(L)
+    torch.testing.assert_close(vecs.view(6, L, 4).sum(-1), torch.full((6, L), L ** -0.5))
     assert queues_in_sync(model)  # single process: trivially, but the collective runs
 
 
-def test_expert_queue_gets_only_activated_experts(tiny_model_dir, toy_data):
-    cfg = moe_config(tiny_model_dir, toy_data, contrastive="expert", queue_size=16,
-                     contrastive_tokens=5, top_k=1)
+def _router_grads(method, model, batch):
+    """Router weight gradients of the contrastive term alone."""
+    model.zero_grad()
+    with record_routing(sample_rows=method._sample_tokens(batch, 0)
+                        if method.cfg.contrastive == "expert" else None) as record:
+        model(**model_inputs(batch))
+    aux = method.router_losses(record, batch)
+    if aux["contrastive"].requires_grad:
+        aux["contrastive"].backward()
+    return [layer.router.weight.grad for _, layer in routing_layers(model)]
+
+
+@pytest.mark.parametrize("mode", ["linear", "ffn"])
+@pytest.mark.parametrize("contrastive", ["label", "expert", "none"])
+def test_each_contrast_alone_reaches_the_router(tiny_model_dir, toy_data, contrastive, mode):
+    cfg = moe_config(tiny_model_dir, toy_data, contrastive=contrastive, mode=mode)
+    method, model = built(cfg, tiny_model_dir)
+    with torch.no_grad():  # trained-looking experts: B = 0 makes every expert output zero
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.02)
+    grads = _router_grads(method, model, a_batch(cfg, tiny_model_dir, n=8))
+    if contrastive == "none":
+        assert all(g is None or g.abs().sum() == 0 for g in grads)
+    else:
+        assert all(g is not None and g.abs().sum() > 0 for g in grads), contrastive
+
+
+def test_packed_and_unpacked_records_give_the_same_label_contrast(tiny_model_dir, toy_data):
+    """Each record in a packed row keeps its own label and its own tokens' routing."""
+    cfg = moe_config(tiny_model_dir, toy_data, contrastive="label")
+    method, model = built(cfg, tiny_model_dir)
+    model.eval()  # no dropout: both batches see identical hidden states
+    tok = load_tokenizer(str(tiny_model_dir))
+    data = prepare_data(cfg.data, tok, seed=0)
+    rows = data.train[:6]
+    assert len({r.label for r in rows}) == 2
+    unpacked = PadCollator(tok.pad_token_id, data.label_vocab)(rows)
+    packed_rows = pack_examples(rows, max_seq_len=sum(len(r.input_ids) for r in rows[:3]))
+    assert len(packed_rows) == 2
+    packed = PackCollator(tok.pad_token_id, data.label_vocab)(packed_rows)
+    assert packed["record_label_ids"].tolist() == unpacked["record_label_ids"].tolist()
+
+    def label_loss(batch):
+        with record_routing() as record:
+            model(**model_inputs(batch))
+        return method.router_losses(record, batch)["contrastive"]
+
+    torch.testing.assert_close(label_loss(packed), label_loss(unpacked), rtol=1e-4, atol=1e-5)
+
+
+def _state_tensors(model):
+    """Every tensor a module holds outside its parameters: plain attributes and buffers."""
+    out = {}
+    for name, m in model.named_modules():
+        for k, v in vars(m).items():
+            if k in ("_parameters", "_buffers", "_modules"):
+                continue
+            if torch.is_tensor(v) or hasattr(v, "probs"):  # a tensor or a RouterOutput
+                out[f"{name}.{k}"] = v
+        for k, b in m.named_buffers(recurse=False):
+            out[f"{name}.{k}"] = b.clone()
+    return out
+
+
+@pytest.mark.parametrize("moe", [dict(mode="linear"), dict(mode="linear", router_scope="block"),
+                                 dict(mode="ffn")])
+def test_no_routing_state_is_left_on_modules(tiny_model_dir, toy_data, moe):
+    cfg = moe_config(tiny_model_dir, toy_data, contrastive="expert", **moe)
     method, model = built(cfg, tiny_model_dir)
     batch = a_batch(cfg, tiny_model_dir)
-    method.compute_loss(PlainEngine(model), batch, 0)
-    layer = moe_layers(model)[0][1]
-    routed = set(layer.last_routing.top_idx[layer.contrast_index].reshape(-1).tolist())
-    method.after_optimizer_step(model, 1)
-    filled = {e for e in range(layer.num_experts) if int(layer.queue.count[e]) > 0}
-    assert filled == routed
-    assert sum(int(c) for c in layer.queue.count) == 5  # 5 sampled tokens x top-1
+    before = _state_tensors(model)
+    loss, _ = method.compute_loss(model, batch, 0)
+    loss.backward()
+    after = _state_tensors(model)
+    assert before.keys() == after.keys(), set(after) ^ set(before)
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert all(getattr(m, "handoff", None) is None for m in model.modules())
+
+
+@pytest.mark.parametrize("contrastive", ["label", "expert"])
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tiny_model_dir, toy_data,
+                                                                   contrastive):
+    cfg = moe_config(tiny_model_dir, toy_data, contrastive=contrastive, top_k=1)
+    batch = a_batch(cfg, tiny_model_dir)
+    results = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        method, model = built(cfg, tiny_model_dir)
+        with torch.no_grad():
+            for _, layer in moe_layers(model):
+                layer.lora_B.normal_(std=0.02, generator=torch.Generator().manual_seed(1))
+        if ckpt:
+            enable_activation_checkpointing(model)
+            assert model.is_gradient_checkpointing
+        recorded = []
+        real = method.router_losses
+
+        def counting(record, b):
+            recorded.append((len(record.routing), len(record.expert_outputs)))
+            return real(record, b)
+
+        method.router_losses = counting
+        loss, metrics = method.compute_loss(model, batch, 0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((float(loss), metrics, grads, recorded))
+    (l0, m0, g0, r0), (l1, m1, g1, r1) = results
+    assert r0 == r1  # each layer recorded once, with or without recompute
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    assert m0["moe/contrastive_loss"] == pytest.approx(m1["moe/contrastive_loss"], rel=1e-6)
+    assert m0["moe/contrastive_loss"] > 0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-7, msg=n)
 
 
 def test_router_gradient_with_gradient_checkpointing(tiny_model_dir, toy_data):
@@ -134,7 +232,7 @@ def test_router_gradient_with_gradient_checkpointing(tiny_model_dir, toy_data):
     method, model = built(cfg, tiny_model_dir)
     enable_activation_checkpointing(model)
     assert model.is_gradient_checkpointing
-    loss, _ = method.compute_loss(PlainEngine(model), a_batch(cfg, tiny_model_dir), 0)
+    loss, _ = method.compute_loss(model, a_batch(cfg, tiny_model_dir), 0)
     loss.backward()
     for name, layer in routing_layers(model):
         assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0, name
@@ -148,9 +246,9 @@ def test_block_router_is_shared_and_decided_once(tiny_model_dir):
                                        "model.layers.1.self_attn.q_proj"]
     routers = [n for n, _ in model.named_parameters() if "router" in n]
     assert len(routers) == 2
-    model(input_ids=torch.randint(0, 1000, (2, 5)))
-    block0 = [m for n, m in moe_layers(model) if ".layers.0." in n]
-    assert all(m.last_routing is block0[0].last_routing for m in block0)
+    with record_routing() as record:
+        model(input_ids=torch.randint(0, 1000, (2, 5)))
+    assert sorted(record.routing) == sorted(n for n, _ in leaders)  # one decision per block
 
 
 def test_adapter_save_load_round_trip_gives_equal_logits(tiny_model_dir, toy_data, tmp_path):
@@ -195,9 +293,11 @@ def test_experts_without_tokens_still_get_a_gradient(dispatch):
         layer.router.weight.zero_()
         layer.router.weight[2, 0] = 10.0  # every token with x[0] > 0 goes to expert 2
         layer.lora_B.normal_()
+    layer.record_name = "layer"
     x = torch.randn(6, 8).abs()
-    layer(x).sum().backward()
-    used = set(layer.last_routing.top_idx.reshape(-1).tolist())
+    with record_routing() as record:
+        layer(x).sum().backward()
+    used = set(record.routing["layer"].top_idx.reshape(-1).tolist())
     assert used == {2}
     assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
     for e in range(4):

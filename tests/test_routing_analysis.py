@@ -33,7 +33,9 @@ def test_counts_from_model_cover_every_real_token(tiny_model_dir):
     inject_lora_moe(model, MoECfg(num_experts=4, top_k=2))
     ids = torch.randint(0, 1000, (3, 6))
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 5 + [0]])
-    batch = {"input_ids": ids, "attention_mask": mask, "seq_label_ids": torch.tensor([0, 1, -1])}
+    record_ids = torch.where(mask.bool(), torch.arange(3)[:, None], torch.tensor(-1))
+    batch = {"input_ids": ids, "attention_mask": mask, "record_ids": record_ids,
+             "record_label_ids": torch.tensor([0, 1, -1])}
     counts, names = label_expert_counts(model, [batch], num_labels=2)
     assert counts.shape == (len(routing_layers(model)), 2, 4)
     # labelled real tokens: 6 + 4, each assigned to top-2 experts; the unlabelled row is ignored

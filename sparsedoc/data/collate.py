@@ -1,8 +1,12 @@
 """Batching: pad to the longest row, or pack several examples into full rows.
 
-Every batch carries ``labels`` (-100 outside targets) and ``seq_label_ids`` (one integer per row,
-the index of the record's ``meta.label`` in the run's label vocabulary, -1 when unknown) so the
-label-supervised router contrast can see which department a row came from.
+Every batch carries ``labels`` (-100 outside targets) and the record layout the routing losses
+and analyses read:
+
+* ``record_ids`` (B, S): index of each token's record within the batch, -1 on padding and on
+  filler rows; a packed row holds several records.
+* ``record_label_ids`` (R,): each record's ``meta.label`` as an index into the run's label
+  vocabulary, -1 when unknown.
 """
 
 from __future__ import annotations
@@ -28,14 +32,23 @@ class PadCollator:
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((n, width), dtype=torch.long)
+        record_ids = torch.full((n, width), -1, dtype=torch.long)
+        record_labels: list[int] = []
         for i, e in enumerate(examples):
             length = len(e.input_ids)
             input_ids[i, :length] = torch.tensor(e.input_ids)
             labels[i, :length] = torch.tensor(e.labels)
             attention_mask[i, :length] = 1
-        seq_labels = torch.tensor([self.label_vocab.get(e.label, -1) for e in examples])
+            if e.filler:
+                continue
+            start = 0
+            for label, piece_len in e.pieces or [(e.label, length)]:
+                record_ids[i, start:start + piece_len] = len(record_labels)
+                record_labels.append(self.label_vocab.get(label, -1))
+                start += piece_len
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "seq_label_ids": seq_labels}
+                "record_ids": record_ids,
+                "record_label_ids": torch.tensor(record_labels, dtype=torch.long)}
 
 
 def pack_examples(examples: list[TokenizedExample], max_seq_len: int) -> list[TokenizedExample]:
@@ -43,29 +56,30 @@ def pack_examples(examples: list[TokenizedExample], max_seq_len: int) -> list[To
 
     The first label of each packed piece is masked so no row learns to predict across a record
     boundary. Attention still spans the whole row unless the model runs flash-attention-2 with
-    ``position_ids`` restarting per piece (``PackCollator`` provides them). A packed row's
-    routing label is its first record's.
+    ``position_ids`` restarting per piece (``PackCollator`` provides them). Each record keeps
+    its own routing label (``pieces``).
     """
     rows: list[TokenizedExample] = []
     cur_ids: list[int] = []
     cur_labels: list[int] = []
     cur_pos: list[int] = []
-    first: TokenizedExample | None = None
+    pieces: list[TokenizedExample] = []
     for e in examples:
         if cur_ids and len(cur_ids) + len(e.input_ids) > max_seq_len:
-            rows.append(_packed_row(cur_ids, cur_labels, cur_pos, first))
-            cur_ids, cur_labels, cur_pos, first = [], [], [], None
-        first = first or e
+            rows.append(_packed_row(cur_ids, cur_labels, cur_pos, pieces))
+            cur_ids, cur_labels, cur_pos, pieces = [], [], [], []
+        pieces.append(e)
         cur_ids += e.input_ids
         cur_labels += [IGNORE_INDEX] + e.labels[1:]
         cur_pos += list(range(len(e.input_ids)))
     if cur_ids:
-        rows.append(_packed_row(cur_ids, cur_labels, cur_pos, first))
+        rows.append(_packed_row(cur_ids, cur_labels, cur_pos, pieces))
     return rows
 
 
-def _packed_row(ids, labels, pos, first) -> TokenizedExample:
-    return TokenizedExample(ids, labels, first.label, first.record_id, position_ids=pos)
+def _packed_row(ids, labels, pos, pieces: list[TokenizedExample]) -> TokenizedExample:
+    return TokenizedExample(ids, labels, pieces[0].label, pieces[0].record_id, position_ids=pos,
+                            pieces=[(p.label, len(p.input_ids)) for p in pieces])
 
 
 class PackCollator(PadCollator):

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from sparsedoc.config import DataCfg
 from sparsedoc.data.collate import PackCollator, PadCollator, pack_examples
-from sparsedoc.data.schema import read_jsonl, record_label
+from sparsedoc.data.schema import read_jsonl, routing_label
 from sparsedoc.data.tokenize import TokenizedExample, TokenizeStats, tokenize_records
 from sparsedoc.resources import resolve_path
 
@@ -121,7 +121,7 @@ def split_records(cfg: DataCfg, seed: int) -> tuple[list[dict], list[dict]]:
 def prepare_data(cfg: DataCfg, tokenizer, seed: int, progress: bool = False) -> PreparedData:
     """Read, split (if asked), tokenize and optionally pack the train and eval sets."""
     train_records, eval_records = split_records(cfg, seed)
-    labels = sorted({lab for r in train_records + eval_records if (lab := record_label(r))})
+    labels = sorted({lab for r in train_records + eval_records if (lab := routing_label(r))})
     label_vocab = {lab: i for i, lab in enumerate(labels)}
     kw = dict(max_seq_len=cfg.max_seq_len, system_prompt=cfg.system_prompt,
               mcq_with_explanation=cfg.mcq_with_explanation, progress=progress)
@@ -158,8 +158,10 @@ def train_loader(rows: list[TokenizedExample], collate: PadCollator, batch_size:
 
 def eval_batches(rows: list[TokenizedExample], collate: PadCollator, batch_size: int, rank: int,
                  world_size: int, max_batches: int = 0) -> list[dict]:
-    """This rank's eval batches; every rank gets the same number of batches (padding rows carry
-    no target tokens), so collective ops inside the forward (ZeRO-3) never wait on a missing rank."""
+    """This rank's eval batches; every rank gets the same number of batches, so collective ops
+    inside the forward (ZeRO-3) never wait on a missing rank. The rows that fill the last batch
+    carry no target tokens and ``record_ids`` -1: readers of routing and gate statistics count
+    ``record_ids >= 0`` tokens only."""
     if not rows:
         return []
     per_rank = -(-len(rows) // world_size)
@@ -167,6 +169,7 @@ def eval_batches(rows: list[TokenizedExample], collate: PadCollator, batch_size:
     if max_batches:
         n_batches = min(n_batches, max_batches)
     mine = rows[rank::world_size]
-    filler = TokenizedExample(rows[0].input_ids, [-100] * len(rows[0].input_ids), None, "<pad>")
+    filler = TokenizedExample(rows[0].input_ids, [-100] * len(rows[0].input_ids), None, "<pad>",
+                              filler=True)
     mine = mine + [filler] * (n_batches * batch_size - len(mine))
     return [collate(mine[i * batch_size:(i + 1) * batch_size]) for i in range(n_batches)]

@@ -121,6 +121,12 @@ def record_label(record: dict) -> str | None:
     return meta.get("label") or meta.get("subject")
 
 
+def routing_label(record: dict) -> str | None:
+    """The label routing is supervised and analysed by: ``record_label``, else ``meta.source``
+    (so a mixture without departments is still labelled by the dataset each record came from)."""
+    return record_label(record) or record.get("meta", {}).get("source")
+
+
 def iter_jsonl(path: str | os.PathLike, validate: bool = True) -> Iterator[dict]:
     """Yield records of a unified JSONL file; a malformed line raises with file and line number.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sparsedoc.data.schema import mcq_to_chat, record_kind, record_label
+from sparsedoc.data.schema import mcq_to_chat, record_kind, routing_label
 
 IGNORE_INDEX = -100
 
@@ -24,9 +24,12 @@ class TemplateError(ValueError):
 class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
-    label: str | None  # meta.label, for label-supervised routing
+    label: str | None  # schema.routing_label: meta.label, else subject, else source
     record_id: str
     position_ids: list[int] | None = None  # set for packed rows: restarts at every record
+    # Packed rows: each record's (label, length) in order, so every record keeps its own label.
+    pieces: list[tuple[str | None, int]] | None = None
+    filler: bool = False  # an eval row that only pads a batch to full size: not a record
 
 
 @dataclass
@@ -100,5 +103,5 @@ def tokenize_records(records: list[dict], tokenizer, max_seq_len: int, system_pr
             continue
         stats.tokens += len(ids)
         stats.target_tokens += n_target
-        out.append(TokenizedExample(ids, labels, record_label(chat), rec["id"]))
+        out.append(TokenizedExample(ids, labels, routing_label(chat), rec["id"]))
     return out, stats

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from sparsedoc.moe.inject import block_index, routing_layers
+from sparsedoc.moe.record import record_routing
+from sparsedoc.train.method import model_inputs
 from sparsedoc.moe.telemetry import plot_load_heatmap
 
 
@@ -16,7 +18,8 @@ def label_expert_counts(model, batches: list[dict], num_labels: int) -> tuple[to
     """Token-to-expert assignment counts per (routing layer, label, expert) over real tokens.
 
     Args:
-        batches: collated batches with ``input_ids``, ``attention_mask`` and ``seq_label_ids``.
+        batches: collated batches with ``input_ids``, ``attention_mask``, ``record_ids`` and
+            ``record_label_ids`` (each record of a packed row counts under its own label).
     Returns:
         counts (L, num_labels, E) float64, and the routing layers' names.
     """
@@ -28,15 +31,16 @@ def label_expert_counts(model, batches: list[dict], num_labels: int) -> tuple[to
     counts = torch.zeros(len(layers), num_labels, E, dtype=torch.float64)
     dev = next(model.parameters()).device
     for batch in batches:
-        labels = batch["seq_label_ids"]
-        if (labels < 0).all():
-            continue
-        model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
-        mask = batch["attention_mask"].bool()  # (B, S)
-        tok_labels = labels[:, None].expand_as(mask)[mask]  # (T_real,)
+        record_ids = batch["record_ids"].reshape(-1)
+        real = record_ids >= 0
+        tok_labels = batch["record_label_ids"][record_ids[real]]  # (T_real,)
         keep = tok_labels >= 0
-        for i, (_, layer) in enumerate(layers):
-            top = layer.last_routing.top_idx.view(*mask.shape, -1)[mask.to(dev)].cpu()  # (T, k)
+        if not keep.any():
+            continue
+        with record_routing() as record:
+            model(**model_inputs({k: v.to(dev) for k, v in batch.items()}))
+        for i, (name, _) in enumerate(layers):
+            top = record.routing[name].top_idx[real.to(dev)].cpu()  # (T_real, k)
             top, lab = top[keep], tok_labels[keep]
             flat = (lab[:, None] * E + top).reshape(-1)
             counts[i] += torch.bincount(flat, minlength=num_labels * E).view(num_labels, E).double()
@@ -135,11 +139,11 @@ def analyze_routing(model, tokenizer, records: list[dict], out_dir: Path, max_se
     import json
 
     from sparsedoc.data.collate import PadCollator
-    from sparsedoc.data.schema import record_label
+    from sparsedoc.data.schema import routing_label
     from sparsedoc.data.tokenize import tokenize_records
 
-    labelled = [r for r in records if record_label(r)]
-    labels = sorted({record_label(r) for r in labelled})
+    labelled = [r for r in records if routing_label(r)]
+    labels = sorted({routing_label(r) for r in labelled})
     if len(labels) < 2:
         return None
     vocab = {lab: i for i, lab in enumerate(labels)}

@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 
 from sparsedoc.config import MoECfg
 from sparsedoc.moe.ffn import PROJ, LoRALinear, LoRAMoEFFN
-from sparsedoc.moe.inject import moe_layers
+from sparsedoc.moe.inject import block_index, moe_layers
 from sparsedoc.moe.layer import LoRAMoELinear
-from sparsedoc.train.method import model_inputs
+from sparsedoc.moe.record import record_routing
+from sparsedoc.train.method import model_inputs, real_tokens
 
 
 class ExportError(RuntimeError):
@@ -175,14 +176,18 @@ def measure_gate_means(model: nn.Module, batches: list[dict]) -> dict[str, torch
     if not layers:
         raise ExportError("mode dense needs a LoRA-MoE model; no routed layer found")
     sums = {n: torch.zeros(m.num_experts, dtype=torch.float64) for n, m in layers}
+    # the routing layer whose decision each module applies (itself, or its block's leader)
+    leaders = {block_index(n): n for n, m in layers if m.router_leader and not m.owns_router}
+    router_of = {n: n if m.router_leader else leaders[block_index(n)] for n, m in layers}
     tokens = 0.0
     dev = next(model.parameters()).device
     for batch in tqdm(batches, desc="gate means", leave=False):
         batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
-        model(**model_inputs(batch))
-        mask = batch["attention_mask"].reshape(-1, 1).double()
-        for n, m in layers:
-            sums[n] += (m.last_routing.dense_gates().double() * mask.to(dev)).sum(0).cpu()
+        with record_routing() as record:
+            model(**model_inputs(batch))
+        mask = real_tokens(batch).reshape(-1, 1).double()  # filler rows of eval batches: 0
+        for n, _ in layers:
+            sums[n] += (record.routing[router_of[n]].dense_gates().double() * mask).sum(0).cpu()
         tokens += float(mask.sum())
     if tokens == 0:
         raise ExportError("mode dense: the calibration batches hold no tokens")

@@ -182,8 +182,12 @@ def resolve_attn_implementation(name: str) -> str:
 
 
 def enable_activation_checkpointing(model) -> None:
-    """Recompute activations in backward (non-reentrant: frozen inputs need no grad hack)."""
-    kwargs = {"use_reentrant": False}
+    """Recompute activations in backward (non-reentrant: frozen inputs need no grad hack). The
+    recompute sees the routing request of its first forward and records nothing
+    (``sparsedoc.moe.record.checkpoint_context``)."""
+    from sparsedoc.moe.record import checkpoint_context
+
+    kwargs = {"use_reentrant": False, "context_fn": checkpoint_context}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

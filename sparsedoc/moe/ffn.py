@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from sparsedoc.moe.memory_queue import MemoryQueue
+from sparsedoc.moe.record import ExpertSample, active_recorder
 from sparsedoc.moe.router import RouterOutput, TopKRouter
 
 
@@ -61,14 +61,15 @@ PROJ = ("gate", "up", "down")
 
 class LoRAMoEFFN(nn.Module):
     """Replaces a Llama-style MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``) with E
-    routed LoRA-adapted copies of it (see module docstring). Exposes the same routing attributes
-    as ``LoRAMoELinear`` (``router``, ``last_routing``, ``queue``...) so losses, telemetry and the
-    memory queue treat both modes alike."""
+    routed LoRA-adapted copies of it (see module docstring). Records into the active
+    ``RoutingRecorder`` exactly as ``LoRAMoELinear`` does, so losses, telemetry and analysis
+    treat both modes alike."""
 
-    router_leader = True
+    router_leader = owns_router = True
+    record_name: str = ""  # set by inject_lora_moe
 
     def __init__(self, mlp: nn.Module, num_experts: int, top_k: int, r: int, alpha: float,
-                 dropout: float = 0.0, router_jitter: float = 0.0, queue_size: int = 0):
+                 dropout: float = 0.0, router_jitter: float = 0.0):
         super().__init__()
         if top_k < 2:
             raise ValueError("FFN-expert mode needs top_k >= 2 (gates are renormalised over the "
@@ -95,10 +96,6 @@ class LoRAMoEFFN(nn.Module):
                                                                   dtype=dtype)))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = TopKRouter(hidden, num_experts, top_k, router_jitter)
-        self.queue = MemoryQueue(num_experts, queue_size, r) if queue_size > 0 else None
-        self.last_routing: RouterOutput | None = None
-        self.contrast_index: torch.Tensor | None = None
-        self.last_contrast: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
@@ -108,12 +105,27 @@ class LoRAMoEFFN(nn.Module):
         A, B = getattr(self, f"lora_A_{p}")[e], getattr(self, f"lora_B_{p}")[e]
         return self.scaling * ((h @ A.t()) @ B.t())
 
+    def _all_experts_lora(self, p: str, h: torch.Tensor) -> torch.Tensor:
+        """(n, in) -> (n, E, out): every expert's LoRA term of projection ``p`` on ``h``."""
+        A, B = getattr(self, f"lora_A_{p}"), getattr(self, f"lora_B_{p}")
+        xa = torch.einsum("eri,ni->ner", A, h) if h.dim() == 2 else torch.einsum("eri,nei->ner",
+                                                                                  A, h)
+        return self.scaling * torch.einsum("eor,ner->neo", B, xa)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.base_mlp
         batch_shape = tuple(x.shape[:-1])
         h = x.reshape(-1, self.hidden_size)
         routing = self.router.route(x)
-        self.last_routing = routing
+        recorder = active_recorder()
+        sample = None
+        if recorder is not None:
+            recorder.add_routing(self.record_name, routing)
+            if recorder.input_rows is not None:
+                recorder.add_router_input(self.record_name, h)
+            if recorder.sample_rows is not None and self.training:
+                sample = recorder.sample_rows.to(x.device)
+                sample = sample[sample < h.shape[0]]
         T, k = routing.top_idx.shape
         # (token, expert) rows sorted by expert, so each expert's rows are one contiguous slice
         flat_expert = routing.top_idx.reshape(-1)
@@ -133,24 +145,34 @@ class LoRAMoEFFN(nn.Module):
             spans.append((e, start, n))
             start += n
         act = mlp.act_fn(torch.cat(g_rows)) * torch.cat(u_rows)  # (T*k, inter)
+        extra = None
+        if sample is not None:
+            # the sampled tokens through every expert and through the frozen MLP, joined to the
+            # one down-projection call below (ZeRO-3 gathers W_d once per forward)
+            n, E = len(sample), self.num_experts
+            g_s = base_g[sample].unsqueeze(1) + self._all_experts_lora("gate", hd[sample])
+            u_s = base_u[sample].unsqueeze(1) + self._all_experts_lora("up", hd[sample])
+            act_s = mlp.act_fn(g_s.to(base_g.dtype)) * u_s.to(base_u.dtype)  # (n, E, inter)
+            act_base = mlp.act_fn(base_g[sample]) * base_u[sample]  # (n, inter)
+            extra = (n, E, act_s)
+            act = torch.cat([act, act_s.reshape(n * E, -1), act_base])
         act_d = self.lora_dropout(act).to(self.lora_A_down.dtype)
         down = mlp.down_proj(act)  # one call over all rows (ZeRO-3 gathers W_d once)
+        if extra is not None:
+            n, E, act_s = extra
+            routed = T * k
+            down_s = down[routed:routed + n * E].view(n, E, -1)
+            down_base = down[routed + n * E:]
+            lora_s = self._all_experts_lora("down", act_d[routed:routed + n * E].view(n, E, -1))
+            outputs = down_s + lora_s.to(down.dtype) - down_base.unsqueeze(1)  # FFN_e - FFN
+            recorder.add_expert_outputs(self.record_name, ExpertSample(
+                sample, outputs, routing.top_idx[sample], routing.top_gates[sample]))
+            down, act_d = down[:routed], act_d[:routed]
         down = down + torch.cat([self._lora("down", e, act_d[s:s + n]) for e, s, n in spans]
                                 ).to(down.dtype)
         out = h.new_zeros(T, self.hidden_size)
         out = out.index_add(0, tok, down * gates.unsqueeze(-1).to(down.dtype))
-        if self.contrast_index is not None and self.training:
-            self.last_contrast = self._contrast_repr(hd, routing)
         return out.view(*batch_shape, self.hidden_size)
-
-    def _contrast_repr(self, hd: torch.Tensor, routing: RouterOutput
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chosen experts' gate down-projections ``A^g_e x`` of the sampled tokens."""
-        idx = self.contrast_index.to(hd.device)
-        idx = idx[idx < hd.shape[0]]
-        experts = routing.top_idx[idx]
-        reprs = torch.einsum("nkri,ni->nkr", self.lora_A_gate[experts], hd[idx])
-        return reprs, experts
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"lora_{ab}_{p}": getattr(self, f"lora_{ab}_{p}") for p in PROJ for ab in "AB"}

@@ -62,7 +62,6 @@ def inject_lora_moe(model: nn.Module, cfg: MoECfg, dispatch: str = "dense") -> l
         raise ValueError(f"adapter.moe.target_modules={cfg.target_modules} matched no linear "
                          f"layer; this model's linear names are: {linears}")
     block_routers: dict[int, TopKRouter] = {}
-    queue = cfg.queue_size if cfg.contrastive == "expert" else 0
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -78,7 +77,8 @@ def inject_lora_moe(model: nn.Module, cfg: MoECfg, dispatch: str = "dense") -> l
         layer = LoRAMoELinear(base, cfg.num_experts, cfg.top_k, cfg.r, cfg.alpha, cfg.dropout,
                               router=router, router_leader=leader,
                               router_jitter=cfg.router_jitter, shared_expert=cfg.shared_expert,
-                              dispatch=dispatch, queue_size=queue)
+                              dispatch=dispatch)
+        layer.record_name = name
         if base.weight.device.type != "meta":
             layer.to(base.weight.device)
         setattr(parent, child, layer)
@@ -89,6 +89,13 @@ def inject_lora_moe(model: nn.Module, cfg: MoECfg, dispatch: str = "dense") -> l
     # whatever the routing, so the gather sequence is identical on all ranks. Registering the
     # layer as a leaf also removes the router's own backward hook, and the router's gradient
     # from the auxiliary losses then meets released (empty) parameters.
+    last_of_block: dict[int, LoRAMoELinear] = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        if not layer.owns_router:
+            last_of_block[block_index(name)] = layer
+    for layer in last_of_block.values():
+        layer.ends_block = True  # clears the block router's hand-off (layer.py)
     return names
 
 
@@ -113,11 +120,11 @@ def _inject_ffn(model: nn.Module, cfg: MoECfg) -> list[str]:
     others = [n for n, m in model.named_modules()
               if isinstance(m, nn.Linear) and matches_target(n, cfg.target_modules)
               and not n.startswith(inside)]
-    queue = cfg.queue_size if cfg.contrastive == "expert" else 0
     for name in mlps:
         mlp = model.get_submodule(name)
         layer = LoRAMoEFFN(mlp, cfg.num_experts, cfg.top_k, cfg.r, cfg.alpha, cfg.dropout,
-                           cfg.router_jitter, queue)
+                           cfg.router_jitter)
+        layer.record_name = name
         if mlp.gate_proj.weight.device.type != "meta":
             layer.to(mlp.gate_proj.weight.device)
         _set_child(model, name, layer)

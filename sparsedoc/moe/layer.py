@@ -13,8 +13,9 @@ copied. Two batched dispatches compute the expert sum:
 * ``grouped``: sort token-expert assignments by expert and run each expert on its own tokens.
   Exact FLOPs, but E small kernels plus gather/scatter; better only when E*r approaches d.
 
-The router's latest output stays on the layer (``last_routing``) for the losses and telemetry to
-collect after the forward; nothing is accumulated across forwards.
+The routing goes to the active ``RoutingRecorder`` (``sparsedoc.moe.record``), never onto the
+layer. With a block-shared router the leader (first wrapped linear of the block) routes and hands
+the decision to the block's other layers for this forward only; the last of them clears it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from sparsedoc.moe.memory_queue import MemoryQueue
+from sparsedoc.moe.record import ExpertSample, active_recorder
 from sparsedoc.moe.router import RouterOutput, TopKRouter
 
 
@@ -76,13 +77,17 @@ class LoRAMoELinear(nn.Module):
             block; followers reuse the leader's latest routing (same tokens, same forward).
         shared_expert: add an always-on LoRA of rank r.
         dispatch: "dense" or "grouped".
-        queue_size: per-expert memory-queue length for the expert-output contrast (0: none).
     """
+
+    # Set by ``inject_lora_moe``: the module's name (the key of its routing in a record), and,
+    # for the last layer of a block-shared router's block, that it clears the hand-off.
+    record_name: str = ""
+    ends_block: bool = False
 
     def __init__(self, base_layer: nn.Linear, num_experts: int, top_k: int, r: int,
                  alpha: float, dropout: float = 0.0, router: TopKRouter | None = None,
                  router_leader: bool = True, router_jitter: float = 0.0,
-                 shared_expert: bool = False, dispatch: str = "dense", queue_size: int = 0):
+                 shared_expert: bool = False, dispatch: str = "dense"):
         super().__init__()
         self.base_layer = base_layer
         for p in base_layer.parameters():
@@ -115,10 +120,6 @@ class LoRAMoELinear(nn.Module):
             else:
                 object.__setattr__(self, "_shared_router", router)
         self.router_leader = router_leader or router is None
-        self.queue = MemoryQueue(num_experts, queue_size, r) if queue_size > 0 else None
-        self.last_routing: RouterOutput | None = None
-        self.contrast_index: torch.Tensor | None = None  # token rows to build contrast reprs for
-        self.last_contrast: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, "
@@ -126,13 +127,20 @@ class LoRAMoELinear(nn.Module):
                 f"shared_expert={self.shared_A is not None}, router_leader={self.router_leader}")
 
     def _route(self, h: torch.Tensor, batch_shape: tuple[int, ...]) -> RouterOutput:
-        if self.router_leader:
+        if self.owns_router:
             return self.router.route(h.view(*batch_shape, -1))
-        leader = self._shared_router
-        routing = getattr(leader, "latest", None)
+        shared = self.router if self.router_leader else self._shared_router
+        if self.router_leader:
+            routing = shared.route(h.view(*batch_shape, -1))
+            if not self.ends_block:  # a block with one wrapped linear hands nothing on
+                shared.handoff = routing
+            return routing
+        routing = shared.handoff
         if routing is None or routing.probs.shape[0] != h.shape[0]:
             raise RuntimeError("block-shared router: the leader layer of this block has not routed "
                                "these tokens yet (it must run first in the block's forward)")
+        if self.ends_block:
+            shared.handoff = None  # nothing outlives the block's forward
         return routing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,29 +148,31 @@ class LoRAMoELinear(nn.Module):
         batch_shape = tuple(x.shape[:-1])
         h = x.reshape(-1, self.in_features)  # (T, in)
         routing = self._route(h, batch_shape)
-        if self.router_leader and not self.owns_router:
-            self.router.latest = routing  # for the followers of this block, this forward
-        self.last_routing = routing
         hd = self.lora_dropout(h).to(self.lora_A.dtype)
         delta = DISPATCH[self.dispatch](hd, self.lora_A, self.lora_B, routing)  # (T, out)
         if self.shared_A is not None:
             delta = delta + (hd @ self.shared_A.t()) @ self.shared_B.t()
-        if self.contrast_index is not None and self.training:
-            self.last_contrast = self._contrast_repr(hd, routing)
+        recorder = active_recorder()
+        if recorder is not None:
+            if self.router_leader:
+                recorder.add_routing(self.record_name, routing)
+                if recorder.input_rows is not None:
+                    recorder.add_router_input(self.record_name, h)
+            if recorder.sample_rows is not None and self.training:
+                recorder.add_expert_outputs(self.record_name,
+                                            self._sample_expert_outputs(hd, routing,
+                                                                        recorder.sample_rows))
         return result + (self.scaling * delta).view(*batch_shape, -1).to(result.dtype)
 
-    def _contrast_repr(self, hd: torch.Tensor, routing: RouterOutput
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-rank outputs A_e x of the activated experts for the sampled tokens.
-
-        Returns ``(reprs (n, k, r), expert ids (n, k))``; only the chosen experts are computed.
-        """
-        idx = self.contrast_index.to(hd.device)
-        idx = idx[idx < hd.shape[0]]
-        experts = routing.top_idx[idx]  # (n, k)
-        A_sel = self.lora_A[experts]  # (n, k, r, in)
-        reprs = torch.einsum("nkri,ni->nkr", A_sel, hd[idx])
-        return reprs, experts
+    def _sample_expert_outputs(self, hd: torch.Tensor, routing: RouterOutput,
+                               rows: torch.Tensor) -> ExpertSample:
+        """``s B_e A_e x`` of every expert (chosen or not) for the sampled token rows: the
+        expert contrast's positives and negatives, in the layer's output space."""
+        rows = rows.to(hd.device)
+        rows = rows[rows < hd.shape[0]]
+        xa = torch.einsum("eri,ni->ner", self.lora_A, hd[rows])  # (n, E, r)
+        outputs = self.scaling * torch.einsum("eor,ner->neo", self.lora_B, xa)  # (n, E, out)
+        return ExpertSample(rows, outputs, routing.top_idx[rows], routing.top_gates[rows])
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """What an adapter file holds for this layer (the memory queue is training state)."""

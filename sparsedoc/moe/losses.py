@@ -48,12 +48,14 @@ def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> tor
 
 def supcon_loss(anchors: torch.Tensor, anchor_labels: torch.Tensor, bank: torch.Tensor,
                 bank_labels: torch.Tensor, temperature: float,
-                exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                exclude: torch.Tensor | None = None, normalize: bool = True
+                ) -> tuple[torch.Tensor, int]:
     """Supervised contrastive (InfoNCE with several positives) of anchors against a bank.
 
     For anchor a with label y: ``-1/|P| sum_{p in P} log( exp(a.p/t) / sum_{b in bank} exp(a.b/t) )``
-    with P the bank entries labelled y. Vectors are L2-normalised here. Anchors with no positive
-    in the bank (or label < 0) are left out; the count of anchors used is returned with the mean.
+    with P the bank entries labelled y. With ``normalize`` the vectors are L2-normalised first
+    (cosine similarity); without, the plain dot product is the similarity. Anchors with no
+    positive in the bank (or label < 0) are left out; the count of anchors used is returned.
 
     Args:
         anchors: (n, d), with gradient. anchor_labels: (n,).
@@ -63,8 +65,9 @@ def supcon_loss(anchors: torch.Tensor, anchor_labels: torch.Tensor, bank: torch.
     """
     if anchors.numel() == 0 or bank.numel() == 0:
         return anchors.sum() * 0.0, 0
-    a = F.normalize(anchors.float(), dim=-1)
-    b = F.normalize(bank.float(), dim=-1).to(a.device)
+    a, b = anchors.float(), bank.float().to(anchors.device)
+    if normalize:
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     logits = a @ b.t() / temperature  # (n, m)
     bank_labels = bank_labels.to(anchor_labels.device)
     pos = (anchor_labels[:, None] == bank_labels[None, :]) & (anchor_labels[:, None] >= 0)
@@ -80,39 +83,91 @@ def supcon_loss(anchors: torch.Tensor, anchor_labels: torch.Tensor, bank: torch.
     return per_anchor.mean(), int(keep.sum())
 
 
-def expert_contrastive_loss(reprs: torch.Tensor, experts: torch.Tensor, queue_vecs: torch.Tensor,
-                            queue_experts: torch.Tensor, temperature: float
-                            ) -> tuple[torch.Tensor, int]:
-    """Expert-output contrast (formulation 1).
+def expert_contrastive_loss(outputs: torch.Tensor, top_idx: torch.Tensor, top_gates: torch.Tensor,
+                            temperature: float) -> tuple[torch.Tensor, int]:
+    """Expert contrast in the layer's output space (CoMoE-style), per sampled token.
 
-    Each activated expert's low-rank output ``A_e x`` for a sampled token is an anchor; the
-    queue's past outputs of the same expert are positives and the other experts' past outputs are
-    negatives, so the inactive experts never run on the current tokens.
+    The anchor is the token's routed output ``y = sum_{j<k} g_j o_{e_j}`` (it carries the
+    router's gradient through the gates); the chosen experts' outputs ``o_e`` are the positives
+    and the other experts' outputs, on the same token, the negatives, by cosine similarity:
+
+        L = -1/k sum_{e in topk} log( exp(cos(y, o_e)/t) / sum_{f=1..E} exp(cos(y, o_f)/t) )
+
+    Minimised when the experts a token does not use produce outputs unlike the ones it uses, so
+    experts become distinct on the tokens they serve. docs/method.md has the gradient path.
 
     Args:
-        reprs: (n, k, r) activated experts' outputs. experts: (n, k) their ids.
-        queue_vecs: (m, r) past outputs. queue_experts: (m,) which expert produced each.
+        outputs: (n, E, out) every expert's output on n tokens. top_idx, top_gates: (n, k).
+    Returns the mean over tokens and the number of tokens.
     """
-    return supcon_loss(reprs.reshape(-1, reprs.shape[-1]), experts.reshape(-1), queue_vecs,
-                       queue_experts, temperature)
+    n, E, _ = outputs.shape
+    if n == 0:
+        return outputs.sum() * 0.0, 0
+    outputs = outputs.float()
+    chosen = outputs.gather(1, top_idx.unsqueeze(-1).expand(-1, -1, outputs.shape[-1]))
+    anchor = (top_gates.float().unsqueeze(-1) * chosen).sum(1)  # (n, out)
+    sims = torch.einsum("no,neo->ne", F.normalize(anchor, dim=-1),
+                        F.normalize(outputs, dim=-1)) / temperature  # (n, E)
+    log_prob = sims - torch.logsumexp(sims, dim=1, keepdim=True)
+    return -log_prob.gather(1, top_idx).mean(), n
 
 
-def label_contrastive_loss(seq_repr: torch.Tensor, seq_labels: torch.Tensor,
+def expert_output_similarity(outputs: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise cosine between different experts' outputs on the same token (n, E, out):
+    1 when every expert does the same thing, about 0 when they are unrelated. The measure the
+    expert contrast is judged by."""
+    E = outputs.shape[1]
+    if E < 2:
+        return outputs.new_zeros(())
+    u = F.normalize(outputs.float(), dim=-1)
+    gram = u @ u.transpose(1, 2)  # (n, E, E)
+    off = ~torch.eye(E, dtype=torch.bool, device=u.device)
+    return gram[:, off].mean()
+
+
+def record_routing_repr(probs: list[torch.Tensor], record_ids: torch.Tensor, num_records: int
+                        ) -> torch.Tensor:
+    """(R, L*E) routing representation of each record: the mean router probabilities over the
+    record's own tokens in each of the L routing layers, concatenated and scaled by 1/sqrt(L),
+    so the dot product of two records is their mean over layers of ``p.q``.
+
+    Per record, not per row: the records packed into one row keep their own representations.
+    ``p.q`` (not the cosine) is the similarity: it is largest when both records put their
+    probability on the same experts, so raising it sharpens the top-k choice, where the cosine
+    of centred means can fall while no token changes its experts.
+
+    Args:
+        probs: L tensors (T, E), T flattened tokens. record_ids: (T,) or (B, S), index of each
+            token's record in ``[0, num_records)``, -1 for padding.
+    """
+    ids = record_ids.reshape(-1).to(probs[0].device)
+    keep = ids >= 0
+    ids_k = ids[keep]
+    counts = torch.bincount(ids_k, minlength=num_records).clamp_min(1).unsqueeze(-1)
+    out = []
+    for p in probs:
+        sums = p.new_zeros(num_records, p.shape[1]).index_add(0, ids_k, p[keep].float())
+        out.append(sums / counts)
+    return torch.cat(out, dim=-1) / len(probs) ** 0.5
+
+
+def label_contrastive_loss(record_repr: torch.Tensor, record_labels: torch.Tensor,
                            queue_vecs: torch.Tensor, queue_labels: torch.Tensor,
                            temperature: float) -> tuple[torch.Tensor, int]:
-    """Label-supervised router contrast (formulation 2, SupCon with a MoCo-style queue).
+    """Label-supervised router contrast (SupCon with a MoCo-style memory queue), per record.
 
-    Sequences sharing ``meta.label`` pull their routing representations together. The bank is
-    the other sequences of the batch (detached) plus the queue of past sequences.
+    Records sharing ``meta.label`` pull their routing representations (``record_routing_repr``)
+    together, by dot product. The bank is the other records of the batch (detached) plus the
+    queue of records from past steps.
 
     Args:
-        seq_repr: (B, d) routing representation per sequence. seq_labels: (B,), -1 = unlabelled.
+        record_repr: (R, d). record_labels: (R,), -1 = unlabelled.
         queue_vecs: (m, d). queue_labels: (m,).
     """
-    B = seq_repr.shape[0]
-    # Other rows of the batch join the bank (detached); a row is never its own positive.
-    bank = torch.cat([seq_repr.detach().float(), queue_vecs.float().to(seq_repr.device)])
-    bank_labels = torch.cat([seq_labels, queue_labels.to(seq_labels.device)])
-    exclude = torch.zeros(B, bank.shape[0], dtype=torch.bool, device=seq_repr.device)
-    exclude[:, :B] = torch.eye(B, dtype=torch.bool, device=seq_repr.device)
-    return supcon_loss(seq_repr, seq_labels, bank, bank_labels, temperature, exclude)
+    R = record_repr.shape[0]
+    bank = torch.cat([record_repr.detach().float(), queue_vecs.float().to(record_repr.device)])
+    bank_labels = torch.cat([record_labels, queue_labels.to(record_labels.device)])
+    exclude = torch.zeros(R, bank.shape[0], dtype=torch.bool, device=record_repr.device)
+    exclude[:, :R] = torch.eye(R, dtype=torch.bool, device=record_repr.device)
+    return supcon_loss(record_repr, record_labels, bank, bank_labels, temperature, exclude,
+                       normalize=False)

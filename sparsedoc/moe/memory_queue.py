@@ -1,7 +1,7 @@
-"""Expert memory queue: bounded FIFO rings of detached, L2-normalised vectors.
+"""Expert memory queue: bounded FIFO rings of detached vectors, each with a label.
 
-One ring per group (per expert for the expert-output contrast, a single ring for the label
-contrast, whose entries carry their label). Vectors, labels, write pointers and fill counts are
+The label contrast keeps one ring of past records' routing representations (with their labels),
+its negatives and positives across steps. Vectors, labels, write pointers and fill counts are
 registered buffers, so DeepSpeed checkpoints save and restore them with the model. The queue is
 only written by the training step after the optimizer step, with vectors already gathered from
 every data-parallel rank, so all ranks hold identical queues; ``forward`` never writes it, so
@@ -12,7 +12,6 @@ Memory is ``groups x size x dim`` floats, fixed at construction.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -36,7 +35,7 @@ class MemoryQueue(nn.Module):
             return
         if vecs.shape[-1] != self.dim:
             raise ValueError(f"queue dim is {self.dim}, got vectors of dim {vecs.shape[-1]}")
-        vecs = F.normalize(vecs.detach().float(), dim=-1)
+        vecs = vecs.detach().float()
         labels = labels if labels is not None else torch.full((len(vecs),), -1)
         if len(vecs) > self.size:  # only the newest `size` survive anyway
             vecs, labels = vecs[-self.size:], labels[-self.size:]

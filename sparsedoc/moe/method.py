@@ -1,8 +1,9 @@
 """LoRA-MoE training method: total loss = LM + balance + z + contrastive, plus telemetry.
 
-After each forward the router outputs are read off the layers (each keeps only its latest);
-contrastive keys produced by the micro-batches of a step wait here, detached, and are gathered
-from all ranks and enqueued once, after the optimizer step.
+Each forward runs inside ``record_routing``; the losses, the calibration and the telemetry read
+the record it returns (``sparsedoc.moe.record``). The label contrast's new queue entries (one
+per record) wait here, detached, and are gathered from all ranks and enqueued once, after the
+optimizer step.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from sparsedoc.moe import losses
 from sparsedoc.moe.inject import (block_index, inject_lora_moe, moe_layers, routing_layers,
                                   save_moe_adapter)
 from sparsedoc.moe.memory_queue import MemoryQueue
+from sparsedoc.moe.record import RoutingRecorder, record_routing
 from sparsedoc.moe.router import TopKRouter
 from sparsedoc.moe.telemetry import RoutingStats
-from sparsedoc.train.distributed import all_gather_cat, all_reduce_sum, all_reduce_tensor
-from sparsedoc.train.method import Method, model_inputs
+from sparsedoc.train.distributed import (all_gather_cat, all_gather_rows, all_reduce_sum,
+                                         all_reduce_tensor)
+from sparsedoc.train.method import Method, model_inputs, real_tokens
 
 log = logging.getLogger("sparsedoc")
 
@@ -64,10 +67,11 @@ class MoEMethod(Method):
     def __init__(self) -> None:
         self.cfg: MoECfg | None = None
         self.seed = 0
-        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (vectors, ids) per micro
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (reprs, labels) per micro
         self.micro_in_step = 0
         self.stats: RoutingStats | None = None
         self.base_model = ""
+        self.label_queue: MemoryQueue | None = None
 
     # ---- build ------------------------------------------------------------------------------
     def build(self, model: nn.Module, cfg: Config) -> nn.Module:
@@ -77,136 +81,129 @@ class MoEMethod(Method):
         self.base_model = resolve_model_path(cfg.model)
         inject_lora_moe(model, self.cfg, self.dispatch)
         # Found once: DeepSpeed wraps the model object, it does not replace its modules.
-        self.layers, self.routers = moe_layers(model), routing_layers(model)
-        routers = self.routers
+        routers = routing_layers(model)
+        self.router_names = [n for n, _ in routers]
+        self.routers = [layer.router for _, layer in routers]
+        self.layer_names = [n for n, _ in moe_layers(model)]
         if self.cfg.contrastive == "label":
             dim = len(routers) * self.cfg.num_experts
             # Registered on the model so DeepSpeed checkpoints carry it with the weights.
-            model.add_module(LABEL_QUEUE_NAME, MemoryQueue(1, self.cfg.queue_size, dim))
-        self.stats = RoutingStats([n for n, _ in routers], self.cfg.num_experts,
-                                  [block_index(n) for n, _ in routers],
+            self.label_queue = MemoryQueue(1, self.cfg.queue_size, dim)
+            model.add_module(LABEL_QUEUE_NAME, self.label_queue)
+        self.stats = RoutingStats(self.router_names, self.cfg.num_experts,
+                                  [block_index(n) for n in self.router_names],
                                   self.cfg.collapse_threshold, self.cfg.collapse_patience)
         log.info("LoRA-MoE: %d layers wrapped, %d routers, E=%d top-%d r=%d, dispatch=%s, "
-                 "contrastive=%s, memory queues %.2f MiB", len(self.layers), len(routers),
+                 "contrastive=%s, memory queue %.2f MiB", len(self.layer_names), len(routers),
                  self.cfg.num_experts, self.cfg.top_k, self.cfg.r, self.dispatch,
                  self.cfg.contrastive, queue_bytes(model) / 2**20)
         return model
 
     # ---- before the first step -----------------------------------------------------------------
     @torch.no_grad()
-    def calibrate(self, engine, batches: list[dict[str, torch.Tensor]]) -> None:
+    def calibrate(self, model, batches: list[dict[str, torch.Tensor]]) -> None:
         """Measure each router's mean input direction on ``batches`` (real tokens only, summed
-        over ranks) and project it out of the routing (router.py says why)."""
+        over ranks) and project it out of the routing (router.py says why). ``model`` is
+        whatever runs the forward: the DeepSpeed engine in training, the bare model in tests."""
         if not batches:
             return
-        routers = [layer.router for _, layer in self.routers]
-        for r in routers:
-            r.start_calibration()
-        was_training = engine.module.training
-        engine.eval()
+        sums = {n: torch.zeros(r.in_features, dtype=torch.float64)
+                for n, r in zip(self.router_names, self.routers)}
+        counts = dict.fromkeys(self.router_names, 0)
+        was_training = model.training
+        model.eval()
         for batch in batches:
-            rows = batch["attention_mask"].reshape(-1).bool()
-            for r in routers:
-                r.calib_rows = rows
-            engine(**model_inputs(batch))
-        if was_training:
-            engine.train()
-
-        def reduce(total: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
-            both = all_reduce_tensor(torch.cat([total, total.new_tensor([count])]))
-            return both[:-1], int(both[-1])
-
-        for r in routers:
-            r.finish_calibration(reduce)
+            with record_routing(input_rows=real_tokens(batch).reshape(-1)) as record:
+                model(**model_inputs(batch))
+            for n, (total, count) in record.input_sums.items():
+                sums[n] += total
+                counts[n] += count
+        model.train(was_training)
+        for n, router in zip(self.router_names, self.routers):
+            both = all_reduce_tensor(torch.cat([sums[n], sums[n].new_tensor([counts[n]])]))
+            if both[-1] > 0:
+                router.set_shared_direction(both[:-1] / both[-1])
         log.info("LoRA-MoE: %d routers calibrated on %d batches per rank (shared input direction "
-                 "projected out)", len(routers), len(batches))
+                 "projected out)", len(self.routers), len(batches))
 
     # ---- one micro-batch --------------------------------------------------------------------
-    def _sample_tokens(self, mask: torch.Tensor, step: int) -> torch.Tensor:
-        """Token rows for the expert-output contrast; seeded by (seed, step, micro) so a resumed
-        run samples what the uninterrupted run sampled."""
-        valid = mask.reshape(-1).nonzero().squeeze(-1).cpu()
+    def _sample_tokens(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        """Token rows for the expert contrast; seeded by (seed, step, micro) so a resumed run
+        samples what the uninterrupted run sampled."""
+        valid = real_tokens(batch).reshape(-1).nonzero().squeeze(-1).cpu()
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1_009 + self.micro_in_step)
         n = min(self.cfg.contrastive_tokens, len(valid))
-        return valid[torch.randperm(len(valid), generator=g)[:n]]
+        return valid[torch.randperm(len(valid), generator=g)[:n]].sort().values
 
-    def compute_loss(self, engine, batch: dict[str, torch.Tensor], step: int
+    def compute_loss(self, model, batch: dict[str, torch.Tensor], step: int
                      ) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg, model = self.cfg, engine.module
-        mask = batch["attention_mask"]  # collators always provide it (packed rows too)
-        layers = self.layers
-        if cfg.contrastive == "expert":
-            idx = self._sample_tokens(mask, step)
-            for _, layer in layers:
-                layer.contrast_index = idx
-        out = engine(**model_inputs(batch))
-        routers = self.routers
-        balance = torch.stack([losses.load_balance_loss(l.last_routing.probs,
-                                                        l.last_routing.top_idx, mask)
-                               for _, l in routers]).mean()
-        z = torch.stack([losses.router_z_loss(l.last_routing.logits, mask)
-                         for _, l in routers]).mean()
-        contrast, anchors = self._contrastive(model, layers, routers, batch, mask)
-        for i, (_, layer) in enumerate(routers):
-            self.stats.add(i, layer.last_routing.top_idx, layer.last_routing.probs, mask)
-        total = (out.loss + cfg.balance_weight * balance + cfg.z_weight * z
-                 + cfg.contrastive_weight * contrast)
-        self.micro_in_step += 1
-        return total, {"train/lm_loss": float(out.loss.detach()),
-                       "moe/balance_loss": float(balance.detach()),
-                       "moe/z_loss": float(z.detach()),
-                       "moe/contrastive_loss": float(contrast.detach()),
-                       "moe/contrastive_anchors": anchors}
-
-    def _contrastive(self, model, layers, routers, batch, mask) -> tuple[torch.Tensor, int]:
+        """LM loss plus the router losses, from one recorded forward. ``model`` runs the forward
+        (the DeepSpeed engine in training, the bare model in tests); backward runs later,
+        outside the recording, so an activation-checkpoint recompute records nothing."""
         cfg = self.cfg
-        zero = batch["input_ids"].new_zeros((), dtype=torch.float32)
-        if cfg.contrastive == "none":
-            return zero, 0
+        sample = self._sample_tokens(batch, step) if cfg.contrastive == "expert" else None
+        with record_routing(sample_rows=sample) as record:
+            out = model(**model_inputs(batch))
+        aux = self.router_losses(record, batch)
+        real = real_tokens(batch)
+        for i, name in enumerate(self.router_names):
+            r = record.routing[name]
+            self.stats.add(i, r.top_idx, r.probs, real)
+        total = (out.loss + cfg.balance_weight * aux["balance"] + cfg.z_weight * aux["z"]
+                 + cfg.contrastive_weight * aux["contrastive"])
+        self.micro_in_step += 1
+        metrics = {"train/lm_loss": float(out.loss.detach()),
+                   "moe/balance_loss": float(aux["balance"].detach()),
+                   "moe/z_loss": float(aux["z"].detach()),
+                   "moe/contrastive_loss": float(aux["contrastive"].detach()),
+                   "moe/contrastive_anchors": aux["anchors"]}
+        if "expert_similarity" in aux:
+            metrics["moe/expert_output_cosine"] = aux["expert_similarity"]
+        return total, metrics
+
+    def router_losses(self, record: RoutingRecorder, batch: dict[str, torch.Tensor]) -> dict:
+        """Balance, z and contrastive losses of one recorded forward (means over layers)."""
+        cfg = self.cfg
+        real = real_tokens(batch)
+        routings = [record.routing[n] for n in self.router_names]
+        balance = torch.stack([losses.load_balance_loss(r.probs, r.top_idx, real)
+                               for r in routings]).mean()
+        z = torch.stack([losses.router_z_loss(r.logits, real) for r in routings]).mean()
+        out = {"balance": balance, "z": z, "contrastive": balance.new_zeros(()), "anchors": 0}
         if cfg.contrastive == "label":
-            seq = torch.cat([l.last_routing.sequence_repr(mask) for _, l in routers], dim=-1)
-            labels = batch["seq_label_ids"]
-            q_vecs, q_labels = label_queue(model).get(0)
-            loss, n = losses.label_contrastive_loss(seq, labels, q_vecs, q_labels,
-                                                    cfg.temperature)
-            self.pending.append((seq.detach().float(), labels.float().unsqueeze(-1)))
-            return loss, n
-        # expert-output contrast, one term per wrapped layer, averaged over layers with anchors
-        terms, n_total, keys = [], 0, []
-        for _, layer in layers:
-            reprs, experts = layer.last_contrast
-            q_vecs, q_experts = layer.queue.all_entries()
-            loss, n = losses.expert_contrastive_loss(reprs, experts, q_vecs, q_experts,
-                                                     cfg.temperature)
-            if n:
-                terms.append(loss)
-                n_total += n
-            keys.append(torch.cat([reprs.detach().float().reshape(-1, layer.r),
-                                   experts.reshape(-1, 1).float()], dim=-1))
-            layer.last_contrast = None
-        self.pending.append((torch.stack(_pad_rows(keys, cfg.contrastive_tokens * cfg.top_k)),
-                             torch.empty(0)))
-        return (torch.stack(terms).mean() if terms else zero), n_total
+            reprs = losses.record_routing_repr([r.probs for r in routings], batch["record_ids"],
+                                               len(batch["record_label_ids"]))
+            labels = batch["record_label_ids"].to(reprs.device)
+            q_vecs, q_labels = self.label_queue.get(0)
+            out["contrastive"], out["anchors"] = losses.label_contrastive_loss(
+                reprs, labels, q_vecs, q_labels, cfg.temperature)
+            self.pending.append((reprs.detach().float(), labels))
+        elif cfg.contrastive == "expert":
+            terms, sims, n_total = [], [], 0
+            for name in self.layer_names:
+                s = record.expert_outputs[name]
+                loss, n = losses.expert_contrastive_loss(s.outputs, s.top_idx, s.top_gates,
+                                                         cfg.temperature)
+                if n:
+                    terms.append(loss)
+                    sims.append(float(losses.expert_output_similarity(s.outputs.detach())))
+                    n_total += n
+            if terms:
+                out["contrastive"] = torch.stack(terms).mean()
+                out["expert_similarity"] = sum(sims) / len(sims)
+            out["anchors"] = n_total
+        return out
 
     # ---- after the optimizer step -----------------------------------------------------------
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         self.micro_in_step = 0
         if not self.pending:
             return
-        cfg = self.cfg
-        if cfg.contrastive == "label":
-            vecs = all_gather_cat(torch.cat([v for v, _ in self.pending]))
-            labels = all_gather_cat(torch.cat([lab for _, lab in self.pending])).squeeze(-1).long()
-            keep = labels >= 0
-            label_queue(model).enqueue(0, vecs[keep], labels[keep].cpu())
-        elif cfg.contrastive == "expert":
-            # (micro, layers, rows, r+1) from every rank, in rank order: identical on all ranks
-            keys = all_gather_cat(torch.stack([k for k, _ in self.pending]))
-            for li, (_, layer) in enumerate(self.layers):
-                rows = keys[:, li].reshape(-1, layer.r + 1)
-                experts = rows[:, -1].long()
-                for e in range(layer.num_experts):
-                    layer.queue.enqueue(e, rows[experts == e, :-1])
+        # (records, L*E) from every rank, in rank order: identical queues on all ranks
+        vecs = all_gather_rows(torch.cat([v for v, _ in self.pending]))
+        labels = all_gather_rows(torch.cat([lab for _, lab in self.pending]))
+        keep = labels >= 0
+        self.label_queue.enqueue(0, vecs[keep], labels[keep].cpu())
         self.pending.clear()
 
     # ---- telemetry, checkpoints -------------------------------------------------------------
@@ -223,16 +220,3 @@ class MoEMethod(Method):
         png = self.stats.heatmap(ckpt_dir / "routing_heatmap.png",
                                  f"expert load share, steps up to {step}")
         return {"moe/routing_heatmap": png.name} if png is not None else {}
-
-
-def _pad_rows(keys: list[torch.Tensor], rows: int) -> list[torch.Tensor]:
-    """Pad each layer's (n, r+1) key block to ``rows`` rows with expert id -1 (ignored), so
-    every rank gathers tensors of one shape even when a micro-batch has few real tokens."""
-    out = []
-    for k in keys:
-        if len(k) < rows:
-            pad = k.new_zeros(rows - len(k), k.shape[1])
-            pad[:, -1] = -1
-            k = torch.cat([k, pad])
-        out.append(k)
-    return out

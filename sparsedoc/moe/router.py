@@ -10,7 +10,7 @@ mean over tokens), so a random router ranks experts mostly by that direction and
 every token to the same k experts before training starts (measured on SmolLM2-135M: 49 of 210
 layers put >90% of tokens on one expert). The router therefore scores tokens with
 ``W (I - u u^T)``, where ``u`` is the unit mean input measured on a few calibration batches before
-training (``calibrate``). That is still one bias-free linear map (``effective_weight``), so it
+training (``MoEMethod.calibrate``). That is still one bias-free linear map (``effective_weight``), so it
 exports as a plain gate, and it brought the same count to 0 of 210.
 """
 
@@ -37,20 +37,6 @@ class RouterOutput:
         """(T, E) gates with zeros for experts not chosen."""
         return torch.zeros_like(self.probs).scatter(1, self.top_idx, self.top_gates)
 
-    def sequence_repr(self, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, E) mean routing probability per sequence over its real tokens, minus the uniform
-        1/E: the routing representation the label-supervised contrast compares. Centring
-        matters: raw probability vectors all point near (1/E, ..., 1/E), so their cosine
-        similarities would all be about 1 and the contrast could not tell sequences apart."""
-        probs = self.probs.view(*self.batch_shape, -1)  # (B, S, E)
-        if probs.dim() == 2:  # (S, E) without a batch dim
-            probs = probs.unsqueeze(0)
-        uniform = 1.0 / probs.shape[-1]
-        if attention_mask is None:
-            return probs.mean(dim=1) - uniform
-        m = attention_mask.to(probs.dtype).unsqueeze(-1)  # (B, S, 1)
-        return (probs * m).sum(1) / m.sum(1).clamp_min(1.0) - uniform
-
 
 class TopKRouter(nn.Module):
     """Linear gate ``in_features -> num_experts`` followed by top-k selection."""
@@ -68,32 +54,22 @@ class TopKRouter(nn.Module):
         nn.init.normal_(self.weight, std=in_features ** -0.5)
         # Unit mean input direction removed before scoring; zero (no projection) until calibrated.
         self.register_buffer("shared_direction", torch.zeros(in_features))
-        self._calib: list | None = None  # [sum of inputs, count] while calibrating
-        self.calib_rows: torch.Tensor | None = None  # bool (T,) real tokens of the calib batch
+        # A block-shared router's decision, from its leader to the block's other layers, within
+        # one block forward (``LoRAMoELinear._route``); None between forwards.
+        self.handoff: RouterOutput | None = None
 
     def effective_weight(self) -> torch.Tensor:
         """(E, in) fp32 ``W (I - u u^T)``: the linear map the router actually applies."""
         w, u = self.weight.float(), self.shared_direction.float()
         return w - (w @ u).unsqueeze(-1) * u
 
-    def start_calibration(self) -> None:
-        self._calib = [torch.zeros(self.in_features, dtype=torch.float64), 0]
-
-    def finish_calibration(self, reduce=None) -> None:
-        """Set ``shared_direction`` to the unit mean of the inputs seen since
-        ``start_calibration``; ``reduce`` sums (sum, count) over data-parallel ranks so every
-        rank ends with the same direction."""
-        total, n = self._calib
-        self._calib = None
-        self.calib_rows = None
-        if reduce is not None:
-            total, n = reduce(total, n)
-        if n == 0:
-            return
-        mean = total / n
-        norm = mean.norm()
+    @torch.no_grad()
+    def set_shared_direction(self, mean_input: torch.Tensor) -> None:
+        """Project the direction of ``mean_input`` (the mean router input over calibration
+        tokens, ``sparsedoc.moe.method.MoEMethod.calibrate``) out of the routing."""
+        norm = mean_input.norm()
         if norm > 0:
-            self.shared_direction.copy_((mean / norm).to(self.shared_direction))
+            self.shared_direction.copy_((mean_input / norm).to(self.shared_direction))
 
     def route(self, x: torch.Tensor) -> RouterOutput:
         """x: (..., in_features) -> routing of the flattened tokens."""
@@ -104,10 +80,6 @@ class TopKRouter(nn.Module):
         module through the tensors it returns, so a dataclass here would leave the router's
         weight un-gathered when its gradient is computed."""
         h = x.reshape(-1, x.shape[-1]).float()  # (T, in)
-        if self._calib is not None:
-            rows = h if self.calib_rows is None else h[self.calib_rows.to(h.device)]
-            self._calib[0] += rows.detach().sum(0).double().cpu()
-            self._calib[1] += rows.shape[0]
         if self.training and self.jitter > 0:
             h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits = F.linear(h, self.effective_weight())  # (T, E)

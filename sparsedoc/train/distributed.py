@@ -199,3 +199,15 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(moved) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, moved)
     return torch.cat(parts).to(t.device)
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """``all_gather_cat`` for tensors whose first dimension differs between ranks (rows of
+    (n, ...)): pads to the longest, gathers, and drops the padding, in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    sizes = all_gather_cat(torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)).tolist()
+    longest = max(sizes)
+    padded = torch.cat([t, t.new_zeros(longest - t.shape[0], *t.shape[1:])])
+    parts = all_gather_cat(padded).split(longest)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])

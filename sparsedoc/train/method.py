@@ -31,6 +31,14 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     return inputs
 
 
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """bool (B, S): the tokens of real records. Padding and the rows that only fill an eval
+    batch (``record_ids`` -1) are not; a batch without ``record_ids`` falls back to its mask."""
+    if "record_ids" in batch:
+        return batch["record_ids"] >= 0
+    return batch["attention_mask"].bool()
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; ZeRO-3 partitioned params report their full size."""
     trainable = total = 0
@@ -51,12 +59,13 @@ class Method:
     def build(self, model: nn.Module, cfg: Config) -> nn.Module:
         raise NotImplementedError
 
-    def compute_loss(self, engine, batch: dict[str, torch.Tensor], step: int
+    def compute_loss(self, model, batch: dict[str, torch.Tensor], step: int
                      ) -> tuple[torch.Tensor, dict[str, float]]:
-        out = engine(**model_inputs(batch))
+        """``model`` runs the forward: the DeepSpeed engine in training, a bare model in tests."""
+        out = model(**model_inputs(batch))
         return out.loss, {}
 
-    def calibrate(self, engine, batches: list[dict[str, torch.Tensor]]) -> None:
+    def calibrate(self, model, batches: list[dict[str, torch.Tensor]]) -> None:
         """Called once on every rank before the first step of a fresh (not resumed) run, with
         a few training batches already on the device; data-dependent initialisation goes here."""
 
