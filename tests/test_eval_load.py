@@ -114,12 +114,16 @@ def test_evaluate_moe_run_writes_results_and_routing(runs, toy_data, tmp_path):
     for name, r in routing.items():
         assert r["labels"] == ["cardiology", "neurology"]
         assert 0.0 <= r["mi_bits_mean"] <= r["label_entropy_bits"] + 1e-9
+        assert r["mi_fraction_mean"] == pytest.approx(r["mi_bits_mean"] / r["label_entropy_bits"])
+        assert 0.0 < r["load_entropy_bits_mean"] <= r["load_entropy_max_bits"] + 1e-9
+        assert r["balanced_busiest_share"] <= r["busiest_share_mean"] <= r["busiest_share_max"] <= 1
         detail = json.loads((runs["lora_moe"] / "eval" / "routing" / name /
                              "routing.json").read_text())
         k = load_config(runs["lora_moe"] / "config.yaml").adapter.moe.top_k
-        for counts in detail["counts"].values():  # every labelled real token routed to k experts
-            assert sum(map(sum, counts)) == sum(map(sum, next(iter(detail["counts"].values()))))
-            assert sum(map(sum, counts)) % k == 0
+        tokens = sum(map(sum, next(iter(detail["top1_counts"].values()))))
+        for layer, counts in detail["top1_counts"].items():  # every labelled real token, once
+            assert sum(map(sum, counts)) == tokens
+            assert sum(detail["assigned_counts"][layer]) == k * tokens  # and its k experts
         assert all(Path(p).is_file() and Path(p).stat().st_size > 0 for p in detail["images"])
     assert written["routing"]["labels"] == ["cardiology", "neurology"]
 

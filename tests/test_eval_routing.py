@@ -32,16 +32,18 @@ def test_analyze_routing_counts_every_labelled_token(tiny_model_dir, toy_data, t
               for lab in ("cardiology", "neurology")}
     assert res["labels"] == ["cardiology", "neurology"] and res["records"] == len(records)
     assert res["skipped_no_target"] == 0 and res["truncated"] == 0
-    assert len(res["counts"]) == len(routing_layers(model)) == 2  # one router per block
-    for counts in res["counts"].values():  # (labels, experts): every real token, k experts
-        assert [sum(row) for row in counts] == [cfg.top_k * tokens["cardiology"],
-                                                cfg.top_k * tokens["neurology"]]
+    assert len(res["top1_counts"]) == len(routing_layers(model)) == 2  # one router per block
+    for counts in res["top1_counts"].values():  # (labels, experts): every real token, once
+        assert [sum(row) for row in counts] == [tokens["cardiology"], tokens["neurology"]]
+    for counts in res["assigned_counts"].values():  # k experts per real token
+        assert sum(counts) == cfg.top_k * sum(tokens.values())
     shares = [t / sum(tokens.values()) for t in tokens.values()]
     assert res["label_entropy_bits"] == pytest.approx(-sum(p * math.log2(p) for p in shares))
     assert 0.0 <= res["mi_bits_mean"] <= res["label_entropy_bits"]
     saved = json.loads((tmp_path / "routing" / "routing.json").read_text())
-    assert saved["mi_bits_per_layer"] == pytest.approx(res["mi_bits_per_layer"])
-    assert len(res["images"]) == 3  # two layer heatmaps + MI per layer
+    for name, metrics in res["per_layer"].items():
+        assert saved["per_layer"][name] == pytest.approx(metrics)
+    assert len(res["images"]) == 3  # two block heatmaps + MI per layer
     for p in res["images"]:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

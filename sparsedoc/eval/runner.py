@@ -158,9 +158,20 @@ def _routing(model, tokenizer, info: dict, task_records: dict[str, list[dict]], 
             log.info("routing: %s has fewer than two labels, skipped", name)
             continue
         found[name] = {k: res[k] for k in ("labels", "records", "mi_bits_mean", "mi_bits_max",
-                                           "mi_normalised_mean", "label_entropy_bits")}
-        logger.log({f"routing/{name}/mi_bits_mean": res["mi_bits_mean"],
-                    f"routing/{name}/mi_normalised_mean": res["mi_normalised_mean"]}, step)
+                                           "mi_fraction_mean", "label_entropy_bits",
+                                           "load_entropy_bits_mean", "load_entropy_max_bits",
+                                           "busiest_share_mean", "busiest_share_max",
+                                           "balanced_busiest_share")}
+        logger.log({f"routing/{name}/{k}": res[k]
+                    for k in ("mi_bits_mean", "mi_fraction_mean", "load_entropy_bits_mean",
+                              "busiest_share_mean", "busiest_share_max")}, step)
+        log.info("routing %s (%d records, %d labels): I(label; top-1 expert) %.4f bits = %.3f of "
+                 "H(label) %.3f; load entropy %.3f of %.3f bits; busiest expert share %.3f "
+                 "(mean), %.3f (max), balanced %.3f", name, res["records"], len(res["labels"]),
+                 res["mi_bits_mean"], res["mi_fraction_mean"], res["label_entropy_bits"],
+                 res["load_entropy_bits_mean"], res["load_entropy_max_bits"],
+                 res["busiest_share_mean"], res["busiest_share_max"],
+                 res["balanced_busiest_share"])
         for img in res["images"]:
             logger.log_image(f"routing/{name}/{Path(img).stem}", img, step)
     write_json(out / "routing" / "summary.json", found)

@@ -123,7 +123,7 @@ class LoRAMoEFFN(nn.Module):
             recorder.add_routing(self.record_name, routing)
             if recorder.input_rows is not None:
                 recorder.add_router_input(self.record_name, h)
-            if recorder.sample_rows is not None and self.training:
+            if recorder.sample_rows is not None:
                 sample = recorder.sample_rows.to(x.device)
                 sample = sample[sample < h.shape[0]]
         T, k = routing.top_idx.shape

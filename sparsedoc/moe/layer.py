@@ -158,7 +158,7 @@ class LoRAMoELinear(nn.Module):
                 recorder.add_routing(self.record_name, routing)
                 if recorder.input_rows is not None:
                     recorder.add_router_input(self.record_name, h)
-            if recorder.sample_rows is not None and self.training:
+            if recorder.sample_rows is not None:
                 recorder.add_expert_outputs(self.record_name,
                                             self._sample_expert_outputs(hd, routing,
                                                                         recorder.sample_rows))

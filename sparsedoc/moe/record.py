@@ -34,7 +34,7 @@ class ExpertSample:
 
     ``outputs[i, e]`` is expert e's contribution to the layer output for token ``rows[i]``
     (``s B_e A_e x`` for a linear, ``FFN_e(x) - FFN(x)`` for an FFN expert), computed for all E
-    experts, chosen or not, with gradient."""
+    experts, chosen or not, with gradient (and dropout when the model is training)."""
 
     rows: torch.Tensor  # (n,) flattened token indices
     outputs: torch.Tensor  # (n, E, out)

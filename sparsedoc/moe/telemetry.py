@@ -95,9 +95,10 @@ class RoutingStats:
 def plot_load_heatmap(grid, row_labels: list[str], path: Path, title: str,
                       xlabel: str = "expert", ylabel: str = "decoder layer",
                       vmax: float | None = None, annotate: bool = False,
-                      colorbar_label: str = "share of token assignments") -> Path:
+                      colorbar_label: str = "share of token assignments",
+                      col_labels: list[str] | None = None) -> Path:
     """A rows x experts share heatmap as PNG. ``vmax`` None scales to the data; ``annotate``
-    writes each value in its cell (small grids only)."""
+    writes each value in its cell (small grids only); ``col_labels`` names the columns."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,11 +106,13 @@ def plot_load_heatmap(grid, row_labels: list[str], path: Path, title: str,
 
     rows, cols = grid.shape
     size = ((max(4.5, 1.8 + 0.7 * cols), max(2.6, 1.3 + 0.38 * rows)) if annotate
-            else (1.2 + 0.6 * cols, 1.0 + 0.28 * rows))
+            else (min(24.0, 1.2 + (0.6 if cols <= 16 else 0.25) * cols), 1.0 + 0.28 * rows))
     fig, ax = plt.subplots(figsize=size)
     top = vmax if vmax is not None else max(float(grid.max()), 1e-6)
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=top)
     ax.set_xticks(range(cols))
+    if col_labels is not None:
+        ax.set_xticklabels(col_labels, fontsize=6, rotation=90)
     ax.set_yticks(range(rows))
     ax.set_yticklabels(row_labels, fontsize=7)
     ax.set_xlabel(xlabel)
