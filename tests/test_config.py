@@ -239,3 +239,13 @@ def test_ds_unknown_leftover_auto_names_its_path():
 def test_ds_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="DeepSpeed config not found"):
         build_ds_config(tmp_path / "nope.json", Config(), world_size=1, dtype=torch.float32)
+
+
+def test_expert_contrast_settings_that_cannot_work_are_rejected():
+    from sparsedoc.config import MoECfg
+
+    with pytest.raises(ConfigError, match="contrastive_tokens"):
+        MoECfg(contrastive="expert", contrastive_tokens=0)
+    with pytest.raises(ConfigError, match="top_k = num_experts"):
+        MoECfg(contrastive="expert", num_experts=2, top_k=2)
+    MoECfg(contrastive="label", num_experts=2, top_k=2)  # the label contrast has no such need

@@ -92,6 +92,18 @@ def test_ffn_sampled_expert_outputs_match_per_token_reference():
     torch.testing.assert_close(sample.top_idx, record.routing["mlp"].top_idx[rows])
 
 
+def test_ffn_sampled_expert_outputs_with_no_sampled_token():
+    from sparsedoc.moe.record import record_routing
+
+    layer = LoRAMoEFFN(make_mlp(), 4, 2, 4, alpha=8)
+    layer.record_name = "mlp"
+    x = torch.randn(1, 3, 16)
+    with record_routing(sample_rows=torch.tensor([], dtype=torch.long)) as record:
+        y = layer(x)
+    torch.testing.assert_close(y, layer(x))
+    assert record.expert_outputs["mlp"].outputs.shape == (0, 4, 16)
+
+
 def test_ffn_with_zero_B_is_the_base_mlp_exactly():
     mlp = make_mlp()
     layer = LoRAMoEFFN(mlp, 4, 2, 4, alpha=8)

@@ -191,18 +191,21 @@ def test_no_routing_state_is_left_on_modules(tiny_model_dir, toy_data, moe):
     assert all(getattr(m, "handoff", None) is None for m in model.modules())
 
 
-@pytest.mark.parametrize("contrastive", ["label", "expert"])
+@pytest.mark.parametrize("contrastive,mode", [("label", "linear"), ("expert", "linear"),
+                                              ("expert", "ffn")])
 def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tiny_model_dir, toy_data,
-                                                                   contrastive):
-    cfg = moe_config(tiny_model_dir, toy_data, contrastive=contrastive, top_k=1)
+                                                                   contrastive, mode):
+    # top-2: the expert contrast reaches the router through the gates of the routed output
+    cfg = moe_config(tiny_model_dir, toy_data, contrastive=contrastive, top_k=2, mode=mode)
     batch = a_batch(cfg, tiny_model_dir)
     results = []
     for ckpt in (False, True):
         torch.manual_seed(0)
         method, model = built(cfg, tiny_model_dir)
         with torch.no_grad():
-            for _, layer in moe_layers(model):
-                layer.lora_B.normal_(std=0.02, generator=torch.Generator().manual_seed(1))
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.02, generator=torch.Generator().manual_seed(1))
         if ckpt:
             enable_activation_checkpointing(model)
             assert model.is_gradient_checkpointing

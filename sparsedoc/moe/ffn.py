@@ -145,29 +145,32 @@ class LoRAMoEFFN(nn.Module):
             spans.append((e, start, n))
             start += n
         act = mlp.act_fn(torch.cat(g_rows)) * torch.cat(u_rows)  # (T*k, inter)
-        extra = None
+        act_d = self.lora_dropout(act).to(self.lora_A_down.dtype)
+        n_sample = 0
         if sample is not None:
-            # the sampled tokens through every expert and through the frozen MLP, joined to the
-            # one down-projection call below (ZeRO-3 gathers W_d once per forward)
-            n, E = len(sample), self.num_experts
+            # FFN_e(x) - FFN(x) = W_d (a_e - a) + s B^d_e A^d_e a_e, with a_e the expert's and a
+            # the frozen MLP's activation: the difference a_e - a goes through W_d (no bias in a
+            # Llama MLP), so the base output never has to be subtracted (in bf16 that would
+            # leave mostly rounding noise). Its rows join the one down-projection call below
+            # (ZeRO-3 gathers W_d once per forward).
+            n_sample, E, inter = len(sample), self.num_experts, self.intermediate_size
             g_s = base_g[sample].unsqueeze(1) + self._all_experts_lora("gate", hd[sample])
             u_s = base_u[sample].unsqueeze(1) + self._all_experts_lora("up", hd[sample])
             act_s = mlp.act_fn(g_s.to(base_g.dtype)) * u_s.to(base_u.dtype)  # (n, E, inter)
             act_base = mlp.act_fn(base_g[sample]) * base_u[sample]  # (n, inter)
-            extra = (n, E, act_s)
-            act = torch.cat([act, act_s.reshape(n * E, -1), act_base])
-        act_d = self.lora_dropout(act).to(self.lora_A_down.dtype)
+            lora_s = self._all_experts_lora(
+                "down", self.lora_dropout(act_s).to(self.lora_A_down.dtype))  # (n, E, hidden)
+            act = torch.cat([act, (act_s - act_base.unsqueeze(1)).reshape(n_sample * E, inter)])
         down = mlp.down_proj(act)  # one call over all rows (ZeRO-3 gathers W_d once)
-        if extra is not None:
-            n, E, act_s = extra
+        if sample is not None:
             routed = T * k
-            down_s = down[routed:routed + n * E].view(n, E, -1)
-            down_base = down[routed + n * E:]
-            lora_s = self._all_experts_lora("down", act_d[routed:routed + n * E].view(n, E, -1))
-            outputs = down_s + lora_s.to(down.dtype) - down_base.unsqueeze(1)  # FFN_e - FFN
+            outputs = down[routed:].view(n_sample, self.num_experts, self.hidden_size)
+            if mlp.down_proj.bias is not None:  # W_d (a_e - a) carries no bias
+                outputs = outputs - mlp.down_proj.bias
+            outputs = outputs + lora_s.to(down.dtype)
             recorder.add_expert_outputs(self.record_name, ExpertSample(
                 sample, outputs, routing.top_idx[sample], routing.top_gates[sample]))
-            down, act_d = down[:routed], act_d[:routed]
+            down = down[:routed]
         down = down + torch.cat([self._lora("down", e, act_d[s:s + n]) for e, s, n in spans]
                                 ).to(down.dtype)
         out = h.new_zeros(T, self.hidden_size)

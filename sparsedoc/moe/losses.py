@@ -101,7 +101,7 @@ def expert_contrastive_loss(outputs: torch.Tensor, top_idx: torch.Tensor, top_ga
     Returns the mean over tokens and the number of tokens.
     """
     n, E, _ = outputs.shape
-    if n == 0:
+    if n == 0 or top_idx.shape[1] == E:  # no token, or no unchosen expert to contrast with
         return outputs.sum() * 0.0, 0
     outputs = outputs.float()
     chosen = outputs.gather(1, top_idx.unsqueeze(-1).expand(-1, -1, outputs.shape[-1]))

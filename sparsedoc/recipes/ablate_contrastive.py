@@ -41,11 +41,11 @@ ARMS = {
 }
 FFN_ARM = ["adapter.moe.mode=ffn", "adapter.moe.contrastive=label"]
 # The settings every arm shares (on top of the demo config), sized so that the six arm runs fit
-# in about 45 minutes on 2 CPU cores: a forward of 8 x 256 tokens of SmolLM2-135M takes ~7 s
-# there. docs/method.md has the measured results.
-COMMON = ["data.max_seq_len=256", "train.max_steps=30", "train.warmup_steps=0",
-          "train.eval_every=30", "train.save_every=30", "train.log_every=5", "logging.wandb=false",
-          "adapter.moe.router_calibration_batches=2"]
+# in about 45 minutes on 2 CPU cores, where a training step of 8 records takes ~14 s: 40 steps
+# of 4 records (160 of the ~790 training records). docs/method.md has the measured results.
+COMMON = ["data.max_seq_len=256", "train.micro_batch_size=4", "train.max_steps=40",
+          "train.warmup_steps=0", "train.eval_every=40", "train.save_every=40", "train.log_every=5",
+          "logging.wandb=false", "adapter.moe.router_calibration_batches=4"]
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -162,6 +162,7 @@ def mixtral_routing(run_dir: Path, out: Path) -> dict:
     from sparsedoc.export import ExportOptions, export
     from sparsedoc.models.load import load_model_and_tokenizer
     from sparsedoc.moe.inject import load_moe_adapter
+    from sparsedoc.train.method import model_inputs
 
     export_dir = out / "mixtral"
     if not (export_dir / "config.json").is_file():
@@ -185,8 +186,7 @@ def mixtral_routing(run_dir: Path, out: Path) -> dict:
             real = record_ids >= 0
             labels = batch["record_label_ids"][record_ids[real]]
             keep = labels >= 0
-            res = stock(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        output_router_logits=True)
+            res = stock(**model_inputs(batch), output_router_logits=True)
             for layer, logits in enumerate(res.router_logits):  # (B*S, E) per layer
                 top = logits.float().topk(k, dim=-1).indices[real][keep]
                 s_top1[layer] += torch.bincount(labels[keep] * E + top[:, 0],
