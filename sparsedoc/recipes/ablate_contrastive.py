@@ -18,7 +18,7 @@ Mixtral checkpoint and the held-out records are routed by transformers' own
 export. Results: ``<out>/ablation.{md,json}`` and ``<out>/ablation.png``. Every finished run is
 kept, so a rerun resumes where the last one stopped.
 
-    python -m sparsedoc.recipes.ablate_contrastive                  # ~45 min on 2 CPU cores
+    python -m sparsedoc.recipes.ablate_contrastive                  # ~1 h on 2 CPU cores
     python -m sparsedoc.recipes.ablate_contrastive --seeds 0 --arms none,label train.max_steps=4
 """
 
@@ -40,9 +40,9 @@ ARMS = {
     "expert": ["adapter.moe.contrastive=expert"],
 }
 FFN_ARM = ["adapter.moe.mode=ffn", "adapter.moe.contrastive=label"]
-# The settings every arm shares (on top of the demo config), sized so that the six arm runs fit
-# in about 45 minutes on 2 CPU cores, where a training step of 8 records takes ~14 s: 40 steps
-# of 4 records (160 of the ~790 training records). docs/method.md has the measured results.
+# The settings every arm shares (on top of the demo config), sized for 2 CPU cores, where a
+# training step of 8 records takes ~14 s: 40 steps of 4 records (160 of the ~790 training
+# records), ~9.5 min per run. docs/method.md has the measured results.
 COMMON = ["data.max_seq_len=256", "train.micro_batch_size=4", "train.max_steps=40",
           "train.warmup_steps=0", "train.eval_every=40", "train.save_every=40", "train.log_every=5",
           "logging.wandb=false", "adapter.moe.router_calibration_batches=4"]
@@ -219,7 +219,7 @@ def report(results: dict[str, dict[int, dict]], out: Path, ffn: dict | None) -> 
 
     for arm in results:
         lines.append(f"| {arm} | {len(results[arm])} | {cell(arm, 'eval_loss_final', '.4f')} | "
-                     f"{cell(arm, 'mi_bits_mean', '.4f')} | {cell(arm, 'mi_fraction_mean', '.3f')}"
+                     f"{cell(arm, 'mi_bits_mean', '.4f')} | {cell(arm, 'mi_fraction_mean', '.4f')}"
                      f" | {cell(arm, 'load_entropy_bits_mean', '.3f')} | "
                      f"{cell(arm, 'busiest_share_mean', '.3f')} | "
                      f"{cell(arm, 'expert_output_cosine', '.4f')} | "
@@ -240,8 +240,8 @@ def report(results: dict[str, dict[int, dict]], out: Path, ffn: dict | None) -> 
             cost = 100 * (m[arm]["eval_loss_final"] / base["eval_loss_final"] - 1)
             ratio = m[arm]["mi_bits_mean"] / max(base["mi_bits_mean"], 1e-12)
             lines.append(f"- **{arm}** vs none: held-out loss {cost:+.2f}%, I(label; top-1) "
-                         f"x{ratio:.1f}, fraction of H {m[arm]['mi_fraction_mean']:.3f} "
-                         f"(none {base['mi_fraction_mean']:.3f}), expert-output cosine "
+                         f"x{ratio:.1f}, fraction of H {m[arm]['mi_fraction_mean']:.4f} "
+                         f"(none {base['mi_fraction_mean']:.4f}), expert-output cosine "
                          f"{m[arm]['expert_output_cosine']:.4f} (none "
                          f"{base['expert_output_cosine']:.4f})")
     if ffn:
