@@ -48,10 +48,17 @@ def label_expert_counts(model, batches: list[dict], num_labels: int
             model(**model_inputs({k: v.to(dev) for k, v in batch.items()}))
         for i, (name, _) in enumerate(layers):
             top = record.routing[name].top_idx[real.to(dev)].cpu()[keep]  # (T, k), best first
-            top1[i] += torch.bincount(lab * E + top[:, 0], minlength=num_labels * E
-                                      ).view(num_labels, E).double()
-            assigned[i] += torch.bincount(top.reshape(-1), minlength=E).double()
+            add_counts(top1[i], assigned[i], top, lab)
     return top1, assigned, [n for n, _ in layers]
+
+
+def add_counts(top1: torch.Tensor, assigned: torch.Tensor, top: torch.Tensor,
+               labels: torch.Tensor) -> None:
+    """Add one layer's tokens to its count tables, in place: ``top`` (T, k) chosen experts, best
+    first, ``labels`` (T,) >= 0; ``top1`` (labels, E), ``assigned`` (E,)."""
+    n_labels, E = top1.shape
+    top1 += torch.bincount(labels * E + top[:, 0], minlength=n_labels * E).view(n_labels, E)
+    assigned += torch.bincount(top.reshape(-1), minlength=E)
 
 
 def mutual_information(counts: torch.Tensor) -> torch.Tensor:

@@ -229,6 +229,7 @@ def measure_gap(routed, dense, tokenizer, records: list[dict], cfg, max_len: int
     from sparsedoc.data.collate import PadCollator
     from sparsedoc.data.dataset import eval_batches
     from sparsedoc.eval.mcq import is_closed_qa, mcq_item, score_mcq, summarize
+    from sparsedoc.train.method import real_tokens
 
     rows = _tokenize(records, tokenizer, cfg, max_len)
     batches = eval_batches(rows, PadCollator(tokenizer.pad_token_id, {}), 8, 0, 1)
@@ -237,7 +238,7 @@ def measure_gap(routed, dense, tokenizer, records: list[dict], cfg, max_len: int
     n_target = 0
     with fp32_exact():
         for b in tqdm(batches, desc="dense gap", leave=False):
-            mask = b["attention_mask"].bool()
+            mask = real_tokens(b)  # not the rows that only fill the last batch
             logits = {}
             for name, m in (("routed", routed), ("dense", dense)):
                 dev = next(m.parameters()).device

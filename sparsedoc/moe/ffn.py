@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from sparsedoc.moe.record import ExpertSample, active_recorder
-from sparsedoc.moe.router import RouterOutput, TopKRouter
+from sparsedoc.moe.router import TopKRouter
 
 
 class LoRALinear(nn.Module):

@@ -15,8 +15,9 @@ SmolLM2-135M once per arm and seed, and scores every final adapter on the held-o
 Optionally (``--ffn-export``) an FFN-expert run with the label contrast is exported as a stock
 Mixtral checkpoint and the held-out records are routed by transformers' own
 ``MixtralForCausalLM`` (its gates' router logits), to show that the specialisation survives the
-export. Results: ``<out>/ablation.{md,json}`` and ``<out>/ablation.png``. Every finished run is
-kept, so a rerun resumes where the last one stopped.
+export (built, not yet run end to end: see docs/method.md). Results: ``<out>/ablation.{md,json}``
+and ``<out>/ablation.png``. Every finished run is kept, so a rerun resumes where the last one
+stopped.
 
     python -m sparsedoc.recipes.ablate_contrastive                  # ~1 h on 2 CPU cores
     python -m sparsedoc.recipes.ablate_contrastive --seeds 0 --arms none,label train.max_steps=4
@@ -158,7 +159,7 @@ def mixtral_routing(run_dir: Path, out: Path) -> dict:
 
     from sparsedoc.checkpoint import list_checkpoints
     from sparsedoc.config import load_config
-    from sparsedoc.eval.routing import label_expert_counts, specialization_summary
+    from sparsedoc.eval.routing import add_counts, label_expert_counts, specialization_summary
     from sparsedoc.export import ExportOptions, export
     from sparsedoc.models.load import load_model_and_tokenizer
     from sparsedoc.moe.inject import load_moe_adapter
@@ -189,9 +190,7 @@ def mixtral_routing(run_dir: Path, out: Path) -> dict:
             res = stock(**model_inputs(batch), output_router_logits=True)
             for layer, logits in enumerate(res.router_logits):  # (B*S, E) per layer
                 top = logits.float().topk(k, dim=-1).indices[real][keep]
-                s_top1[layer] += torch.bincount(labels[keep] * E + top[:, 0],
-                                                minlength=n_labels * E).view(n_labels, E).double()
-                s_assigned[layer] += torch.bincount(top.reshape(-1), minlength=E).double()
+                add_counts(s_top1[layer], s_assigned[layer], top, labels[keep])
     theirs = specialization_summary(s_top1, s_assigned, [f"layers.{i}" for i in range(L)], k)
     same = bool(torch.equal(s_top1, top1))
     return {"export_dir": str(export_dir), "stock_mixtral_mi_bits_mean": theirs["mi_bits_mean"],
