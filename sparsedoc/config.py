@@ -109,15 +109,11 @@ class MoECfg:
             raise ConfigError(f"adapter.moe.temperature: expected > 0, got {self.temperature}")
         if self.queue_size < 1:
             raise ConfigError(f"adapter.moe.queue_size: expected >= 1, got {self.queue_size}")
-        if self.contrastive == "expert":
-            if self.contrastive_tokens < 1:
-                raise ConfigError(f"adapter.moe.contrastive_tokens: contrastive=expert needs >= 1 "
-                                  f"sampled token per micro-batch, got {self.contrastive_tokens}")
-            if self.top_k == self.num_experts:
-                raise ConfigError(f"adapter.moe.contrastive=expert contrasts the chosen experts "
-                                  f"with the unchosen ones; with top_k = num_experts "
-                                  f"({self.top_k}) there are none. Lower top_k or use "
-                                  f"contrastive=label")
+        if self.contrastive == "expert" and self.contrastive_tokens < 2:
+            raise ConfigError(f"adapter.moe.contrastive_tokens: contrastive=expert needs >= 2 "
+                              f"sampled tokens per micro-batch (an expert's output on one is "
+                              f"contrasted with its outputs on the others), got "
+                              f"{self.contrastive_tokens}")
 
 
 @dataclass

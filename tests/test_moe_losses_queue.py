@@ -55,69 +55,109 @@ def test_supcon_anchor_without_positive_is_left_out_and_unlabelled_ignored():
     assert loss.item() == pytest.approx(0.0, abs=1e-7)  # single candidate, which is the positive
 
 
-def test_label_contrast_excludes_self_and_uses_batch_and_queue():
-    """Records' routing representations are compared by plain dot product (not cosine)."""
-    seq = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]], requires_grad=True)
-    labels = torch.tensor([0, 0, 1])
-    queue = torch.tensor([[0.3, 0.7]])
-    qlab = torch.tensor([1])
-    loss, n = losses.label_contrastive_loss(seq, labels, queue, qlab, temperature=0.5)
-    bank = torch.cat([seq.detach(), queue]).tolist()
-    s = lambda i, j: sum(a * b for a, b in zip(bank[i], bank[j])) / 0.5
-    # anchor 0: candidates rows 1, 2 and the queue entry (itself excluded); positive row 1
-    l0 = -math.log(math.exp(s(0, 1)) / (math.exp(s(0, 1)) + math.exp(s(0, 2)) + math.exp(s(0, 3))))
-    l1 = -math.log(math.exp(s(1, 0)) / (math.exp(s(1, 0)) + math.exp(s(1, 2)) + math.exp(s(1, 3))))
-    l2 = -math.log(math.exp(s(2, 3)) / (math.exp(s(2, 0)) + math.exp(s(2, 1)) + math.exp(s(2, 3))))
-    assert n == 3
-    assert loss.item() == pytest.approx((l0 + l1 + l2) / 3, rel=1e-5)
-    loss.backward()
-    assert seq.grad.abs().sum() > 0
+def _cos(u, v):
+    return float(torch.dot(u, v) / (u.norm() * v.norm()))
 
 
-def test_record_routing_repr_is_the_mean_over_each_records_own_tokens():
-    """Two records packed in one row and one in the next keep separate representations."""
-    p1 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.2, 0.8], [0.9, 0.1], [0.3, 0.7]])
-    p2 = torch.tensor([[0.4, 0.6], [0.6, 0.4], [1.0, 0.0], [0.0, 1.0], [0.7, 0.3], [0.5, 0.5]])
+def test_token_routing_repr_is_centred_normalised_logits_per_layer():
+    l1 = torch.tensor([[2.0, 0.0], [1.0, 1.0 + 1e-3]])
+    l2 = torch.tensor([[0.0, 3.0], [5.0, 1.0]])
+    got = losses.token_routing_repr([l1, l2])
+    r = 1 / math.sqrt(2)
+    # centred [1, -1] -> [r, -r]; centred [-1.5, 1.5] -> [-r, r]; token 1 alike
+    expect = torch.tensor([[r, -r, -r, r], [-r, r, r, -r]]) / math.sqrt(2)
+    torch.testing.assert_close(got, expect, atol=1e-4, rtol=0)
+    assert torch.allclose(got.norm(dim=-1), torch.ones(2))
+
+
+def test_record_means_average_each_records_own_tokens():
+    """Two records packed in one row and one in the next keep separate means."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.2, 0.8], [0.9, 0.1], [0.3, 0.7]])
     record_ids = torch.tensor([[0, 0, 1], [2, 2, -1]])  # token 5 is padding
-    got = losses.record_routing_repr([p1, p2], record_ids, 3)
-    expect = torch.tensor([
-        [0.5, 0.5, 0.5, 0.5],  # record 0: tokens 0, 1
-        [0.5, 0.5, 1.0, 0.0],  # record 1: token 2
-        [0.55, 0.45, 0.35, 0.65],  # record 2: tokens 3, 4 (not the padding token 5)
-    ]) / math.sqrt(2)
+    got = losses.record_means(x, record_ids, 3)
+    expect = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.55, 0.45]])
     torch.testing.assert_close(got, expect)
 
 
+def _label_contrast_reference(tokens, record_ids, labels, queue, qlab, t):
+    """Per token, with plain loops: the bank is every record's mean token (own record left
+    out) and the queue; positives share the token's label; cosine similarity."""
+    ids = record_ids.reshape(-1).tolist()
+    R = len(labels)
+    protos = [sum(tokens[i] for i in range(len(ids)) if ids[i] == r) / ids.count(r) for r in range(R)]
+    total, count = 0.0, 0
+    for i, r in enumerate(ids):
+        if r < 0 or labels[r] < 0:
+            continue
+        bank = [(protos[b], int(labels[b])) for b in range(R) if b != r] + \
+            [(q, int(lab)) for q, lab in zip(queue, qlab)]
+        pos = [v for v, lab in bank if lab == int(labels[r])]
+        if not pos:
+            continue
+        denom = sum(math.exp(_cos(tokens[i], v) / t) for v, _ in bank)
+        total += -sum(math.log(math.exp(_cos(tokens[i], v) / t) / denom) for v in pos) / len(pos)
+        count += 1
+    return total / count, count
+
+
+def test_label_contrast_per_token_matches_a_loop_reference():
+    torch.manual_seed(0)
+    tokens = torch.randn(8, 6, requires_grad=True)
+    record_ids = torch.tensor([[0, 0, 1, 1], [2, 2, 3, -1]])  # two records packed per row
+    labels = torch.tensor([0, 1, 0, -1])  # record 3 unlabelled: its token is no anchor
+    queue, qlab = torch.randn(3, 6), torch.tensor([1, 0, 1])
+    loss, protos, n = losses.label_contrastive_loss(tokens, record_ids, labels, queue, qlab, 0.5)
+    expect, count = _label_contrast_reference(tokens.detach(), record_ids, labels, queue, qlab, 0.5)
+    assert n == count == 6
+    assert loss.item() == pytest.approx(expect, rel=1e-5)
+    torch.testing.assert_close(protos, losses.record_means(tokens.detach(), record_ids, 4))
+    loss.backward()
+    assert tokens.grad[:6].abs().sum(-1).gt(0).all()  # every labelled token gets a gradient
+    assert tokens.grad[6].abs().sum() == 0  # the unlabelled record's token gets none
+
+
 def _expert_contrast_reference(outputs, top_idx, gates, t):
-    total = 0.0
-    for i in range(outputs.shape[0]):
-        y = sum(float(gates[i, j]) * outputs[i, int(top_idx[i, j])] for j in range(top_idx.shape[1]))
-        cos = [float(torch.dot(y, o) / (y.norm() * o.norm())) for o in outputs[i]]
-        denom = sum(math.exp(c / t) for c in cos)
-        total += -sum(math.log(math.exp(cos[int(e)] / t) / denom) for e in top_idx[i]) / top_idx.shape[1]
-    return total / outputs.shape[0]
+    n, E, _ = outputs.shape
+    num = den = 0.0
+    for x in range(n):
+        for j in range(top_idx.shape[1]):
+            e = int(top_idx[x, j])
+            a = outputs[x, e]
+            others = [(x2, f) for x2 in range(n) for f in range(E) if (x2, f) != (x, e)]
+            denom = sum(math.exp(_cos(a, outputs[x2, f]) / t) for x2, f in others)
+            pos = [x2 for x2 in range(n) if x2 != x]
+            l = -sum(math.log(math.exp(_cos(a, outputs[x2, e]) / t) / denom) for x2 in pos) / len(pos)
+            num += float(gates[x, j]) * l
+            den += float(gates[x, j])
+    return num / den
 
 
-def test_expert_contrast_matches_a_per_token_reference():
+def test_expert_contrast_matches_a_per_anchor_reference():
     torch.manual_seed(0)
     outputs = torch.randn(5, 4, 6)
     top_idx = torch.tensor([[0, 2], [1, 3], [3, 0], [2, 1], [0, 1]])
     gates = torch.rand(5, 2).softmax(-1)
     loss, n = losses.expert_contrastive_loss(outputs, top_idx, gates, temperature=0.3)
-    assert n == 5
+    assert n == 10
     assert loss.item() == pytest.approx(_expert_contrast_reference(outputs, top_idx, gates, 0.3),
                                         rel=1e-5)
 
 
-def test_expert_contrast_falls_as_unused_experts_diverge():
-    """Same chosen outputs; the loss is lower when the unchosen experts point elsewhere."""
-    chosen = torch.tensor([[1.0, 0.0, 0.0]])
-    top_idx, gates = torch.tensor([[0]]), torch.tensor([[0.8]])
-    alike = torch.stack([chosen[0], torch.tensor([0.9, 0.1, 0.0]), torch.tensor([0.8, 0.2, 0.0])])
-    unlike = torch.stack([chosen[0], torch.tensor([-1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])])
-    high, _ = losses.expert_contrastive_loss(alike[None], top_idx, gates, 0.1)
-    low, _ = losses.expert_contrastive_loss(unlike[None], top_idx, gates, 0.1)
+def test_expert_contrast_falls_as_experts_become_distinct():
+    """Loss is lower when each expert keeps one direction of its own across tokens than when
+    every expert does the same thing; the gates get a gradient; zero outputs are left out."""
+    torch.manual_seed(0)
+    top_idx = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    gates = torch.full((3, 2), 0.5, requires_grad=True)
+    own = torch.eye(3).unsqueeze(0).repeat(3, 1, 1) + 0.05 * torch.randn(3, 3, 3)
+    same = torch.ones(3, 3, 3) + 0.05 * torch.randn(3, 3, 3)
+    low, _ = losses.expert_contrastive_loss(own, top_idx, gates, 0.1)
+    high, _ = losses.expert_contrastive_loss(same, top_idx, gates, 0.1)
     assert low < high
+    high.backward()
+    assert gates.grad.abs().sum() > 0
+    loss, n = losses.expert_contrastive_loss(torch.zeros(3, 3, 3), top_idx, gates, 0.1)
+    assert n == 0 and loss.item() == 0.0
 
 
 def test_expert_output_similarity_hand_computed():

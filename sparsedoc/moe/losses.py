@@ -85,31 +85,55 @@ def supcon_loss(anchors: torch.Tensor, anchor_labels: torch.Tensor, bank: torch.
 
 def expert_contrastive_loss(outputs: torch.Tensor, top_idx: torch.Tensor, top_gates: torch.Tensor,
                             temperature: float) -> tuple[torch.Tensor, int]:
-    """Expert contrast in the layer's output space (CoMoE-style), per sampled token.
+    """Expert-identity contrast in the layer's output space, over n sampled tokens.
 
-    The anchor is the token's routed output ``y = sum_{j<k} g_j o_{e_j}`` (it carries the
-    router's gradient through the gates); the chosen experts' outputs ``o_e`` are the positives
-    and the other experts' outputs, on the same token, the negatives, by cosine similarity:
+    Every expert's output ``o_e(x) = s B_e A_e x`` on every sampled token is in the bank. Each
+    chosen expert's output is an anchor; its positives are the same expert's outputs on the
+    other sampled tokens, its negatives every other expert's outputs (on the same token too),
+    by cosine similarity:
 
-        L = -1/k sum_{e in topk} log( exp(cos(y, o_e)/t) / sum_{f=1..E} exp(cos(y, o_f)/t) )
+        l(x, e) = -1/(n-1) sum_{x' != x} log( exp(c(o_e(x), o_e(x'))/t)
+                                            / sum_{(x'', f) != (x, e)} exp(c(o_e(x), o_f(x''))/t) )
+        L = sum_{x, e in topk(x)} g_e(x) l(x, e) / sum g
 
-    Minimised when the experts a token does not use produce outputs unlike the ones it uses, so
-    experts become distinct on the tokens they serve. docs/method.md has the gradient path.
+    Minimised when each expert's outputs share a direction of their own, unlike every other
+    expert's, so on any token the experts differ. The gate weights carry the gradient to the
+    router (it moves gate mass to the experts whose output on x is most their own); the
+    outputs carry it to every expert's A and B. Zero outputs (B = 0 at the start) take no
+    part: their direction is undefined. docs/method.md has the cost.
 
     Args:
         outputs: (n, E, out) every expert's output on n tokens. top_idx, top_gates: (n, k).
-    Returns the mean over tokens and the number of tokens.
+    Returns the loss and the number of anchors used.
     """
-    n, E, _ = outputs.shape
-    if n == 0 or top_idx.shape[1] == E:  # no token, or no unchosen expert to contrast with
+    n, E, d = outputs.shape
+    if n < 2:  # no positive: the same expert on another token
         return outputs.sum() * 0.0, 0
-    outputs = outputs.float()
-    chosen = outputs.gather(1, top_idx.unsqueeze(-1).expand(-1, -1, outputs.shape[-1]))
-    anchor = (top_gates.float().unsqueeze(-1) * chosen).sum(1)  # (n, out)
-    sims = torch.einsum("no,neo->ne", F.normalize(anchor, dim=-1),
-                        F.normalize(outputs, dim=-1)) / temperature  # (n, E)
+    flat = outputs.float().reshape(n * E, d)
+    norms = flat.norm(dim=-1)
+    alive = norms.detach() > 0
+    unit = flat / norms.clamp_min(torch.finfo(flat.dtype).tiny).unsqueeze(-1)
+    expert_of = torch.arange(E, device=flat.device).repeat(n)
+    token_of = torch.arange(n, device=flat.device).repeat_interleave(E)
+    anchor = (torch.arange(n, device=flat.device).unsqueeze(1) * E + top_idx).reshape(-1)
+    weight = top_gates.float().reshape(-1)
+    keep = alive[anchor]
+    anchor, weight = anchor[keep], weight[keep]
+    if anchor.numel() == 0:
+        return outputs.sum() * 0.0, 0
+    sims = unit[anchor] @ unit.t() / temperature  # (a, nE)
+    self_or_dead = (torch.arange(n * E, device=flat.device)[None, :] == anchor[:, None]) | ~alive[None, :]
+    sims = sims.masked_fill(self_or_dead, float("-inf"))
+    pos = (expert_of[None, :] == expert_of[anchor][:, None]) & \
+        (token_of[None, :] != token_of[anchor][:, None]) & ~self_or_dead
+    n_pos = pos.sum(1)
+    has_pos = n_pos > 0
+    if not has_pos.any():
+        return outputs.sum() * 0.0, 0
     log_prob = sims - torch.logsumexp(sims, dim=1, keepdim=True)
-    return -log_prob.gather(1, top_idx).mean(), n
+    per_anchor = -log_prob.masked_fill(~pos, 0.0).sum(1)[has_pos] / n_pos[has_pos]
+    w = weight[has_pos]
+    return (w * per_anchor).sum() / w.detach().sum().clamp_min(1e-12), int(has_pos.sum())
 
 
 def expert_output_similarity(outputs: torch.Tensor) -> torch.Tensor:
@@ -125,49 +149,72 @@ def expert_output_similarity(outputs: torch.Tensor) -> torch.Tensor:
     return gram[:, off].mean()
 
 
-def record_routing_repr(probs: list[torch.Tensor], record_ids: torch.Tensor, num_records: int
-                        ) -> torch.Tensor:
-    """(R, L*E) routing representation of each record: the mean router probabilities over the
-    record's own tokens in each of the L routing layers, concatenated and scaled by 1/sqrt(L),
-    so the dot product of two records is their mean over layers of ``p.q``.
+def token_routing_repr(logits: list[torch.Tensor]) -> torch.Tensor:
+    """(T, L*E) routing representation of each token: in each of the L routing layers the
+    router's logits, centred and L2-normalised, concatenated and scaled by 1/sqrt(L), so the
+    dot product of two tokens is their mean over layers of the cosine of their centred logits.
 
-    Per record, not per row: the records packed into one row keep their own representations.
-    ``p.q`` (not the cosine) is the similarity: it is largest when both records put their
-    probability on the same experts, so raising it sharpens the top-k choice, where the cosine
-    of centred means can fall while no token changes its experts.
+    Centred logits are what decides the top-k (softmax ignores a shared shift): a token whose
+    centred logits point where its label's point picks its label's experts. Probabilities near
+    uniform (early training) would give near-equal similarities and no gradient; directions
+    do not.
 
     Args:
-        probs: L tensors (T, E), T flattened tokens. record_ids: (T,) or (B, S), index of each
-            token's record in ``[0, num_records)``, -1 for padding.
+        logits: L tensors (T, E), T flattened tokens.
     """
-    ids = record_ids.reshape(-1).to(probs[0].device)
+    out = []
+    for z in logits:
+        z = z.float()
+        out.append(F.normalize(z - z.mean(dim=-1, keepdim=True), dim=-1))
+    return torch.cat(out, dim=-1) / len(logits) ** 0.5
+
+
+def record_means(token_repr: torch.Tensor, record_ids: torch.Tensor, num_records: int
+                 ) -> torch.Tensor:
+    """(R, d) mean of each record's token representations, over the record's own tokens.
+
+    Per record, not per row: the records packed into one row keep their own means.
+
+    Args:
+        token_repr: (T, d). record_ids: (T,) or (B, S), index of each token's record in
+            ``[0, num_records)``, -1 for padding.
+    """
+    ids = record_ids.reshape(-1).to(token_repr.device)
     keep = ids >= 0
     ids_k = ids[keep]
     counts = torch.bincount(ids_k, minlength=num_records).clamp_min(1).unsqueeze(-1)
-    out = []
-    for p in probs:
-        sums = p.new_zeros(num_records, p.shape[1]).index_add(0, ids_k, p[keep].float())
-        out.append(sums / counts)
-    return torch.cat(out, dim=-1) / len(probs) ** 0.5
+    sums = token_repr.new_zeros(num_records, token_repr.shape[1]).index_add(0, ids_k, token_repr[keep])
+    return sums / counts
 
 
-def label_contrastive_loss(record_repr: torch.Tensor, record_labels: torch.Tensor,
-                           queue_vecs: torch.Tensor, queue_labels: torch.Tensor,
-                           temperature: float) -> tuple[torch.Tensor, int]:
-    """Label-supervised router contrast (SupCon with a MoCo-style memory queue), per record.
+def label_contrastive_loss(token_repr: torch.Tensor, record_ids: torch.Tensor,
+                           record_labels: torch.Tensor, queue_vecs: torch.Tensor,
+                           queue_labels: torch.Tensor, temperature: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Label-supervised router contrast (SupCon with a MoCo-style memory queue), per token.
 
-    Records sharing ``meta.label`` pull their routing representations (``record_routing_repr``)
-    together, by dot product. The bank is the other records of the batch (detached) plus the
-    queue of records from past steps.
+    Each labelled token is an anchor. The bank holds record prototypes (``record_means`` of
+    the token representations, detached): the batch's other records and the queue of past
+    records. Prototypes of the token's label are its positives, the rest its negatives, by
+    cosine. The token's own record is left out, so the positives are other records of its
+    label. Every token's top-k is pulled toward its label's experts.
 
     Args:
-        record_repr: (R, d). record_labels: (R,), -1 = unlabelled.
-        queue_vecs: (m, d). queue_labels: (m,).
+        token_repr: (T, d) with gradient. record_ids: (T,) or (B, S), -1 = padding.
+        record_labels: (R,), -1 = unlabelled. queue_vecs: (m, d). queue_labels: (m,).
+    Returns the loss, the batch's (R, d) prototypes (detached, for the queue) and the number
+    of anchors used.
     """
-    R = record_repr.shape[0]
-    bank = torch.cat([record_repr.detach().float(), queue_vecs.float().to(record_repr.device)])
+    R = record_labels.shape[0]
+    ids = record_ids.reshape(-1).to(token_repr.device)
+    record_labels = record_labels.to(token_repr.device)
+    protos = record_means(token_repr.detach(), ids, R)
+    tok = (ids >= 0).nonzero().squeeze(-1)
+    tok = tok[record_labels[ids[tok]] >= 0]
+    anchors, own = token_repr[tok], ids[tok]
+    bank = torch.cat([protos, queue_vecs.float().to(protos.device)])
     bank_labels = torch.cat([record_labels, queue_labels.to(record_labels.device)])
-    exclude = torch.zeros(R, bank.shape[0], dtype=torch.bool, device=record_repr.device)
-    exclude[:, :R] = torch.eye(R, dtype=torch.bool, device=record_repr.device)
-    return supcon_loss(record_repr, record_labels, bank, bank_labels, temperature, exclude,
-                       normalize=False)
+    exclude = torch.zeros(len(tok), bank.shape[0], dtype=torch.bool, device=protos.device)
+    exclude[torch.arange(len(tok), device=protos.device), own] = True
+    loss, n = supcon_loss(anchors, record_labels[own], bank, bank_labels, temperature, exclude)
+    return loss, protos, n

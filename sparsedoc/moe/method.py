@@ -171,13 +171,12 @@ class MoEMethod(Method):
         z = torch.stack([losses.router_z_loss(r.logits, real) for r in routings]).mean()
         out = {"balance": balance, "z": z, "contrastive": balance.new_zeros(()), "anchors": 0}
         if cfg.contrastive == "label":
-            reprs = losses.record_routing_repr([r.probs for r in routings], batch["record_ids"],
-                                               len(batch["record_label_ids"]))
-            labels = batch["record_label_ids"].to(reprs.device)
+            tokens = losses.token_routing_repr([r.logits for r in routings])
+            labels = batch["record_label_ids"].to(tokens.device)
             q_vecs, q_labels = self.label_queue.get(0)
-            out["contrastive"], out["anchors"] = losses.label_contrastive_loss(
-                reprs, labels, q_vecs, q_labels, cfg.temperature)
-            self.pending.append((reprs.detach().float(), labels))
+            out["contrastive"], protos, out["anchors"] = losses.label_contrastive_loss(
+                tokens, batch["record_ids"], labels, q_vecs, q_labels, cfg.temperature)
+            self.pending.append((protos.float(), labels))
         elif cfg.contrastive == "expert":
             terms, sims, n_total = [], [], 0
             for name in self.layer_names:
