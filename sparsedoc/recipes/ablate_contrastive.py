@@ -149,6 +149,103 @@ def score_run(run_dir: Path) -> dict:
             "steps": summary["steps"]}
 
 
+def fit_ceiling_router(train_x, train_labels, eval_x, eval_labels, num_labels: int,
+                       num_experts: int, steps: int = 300, lr: float = 1e-2, seed: int = 0
+                       ) -> float:
+    """Held-out I(label; top-1 expert) in bits of the best linear E-way router found on fixed
+    token features: one ``Linear(d, E)`` fitted by full-batch Adam to maximise the soft
+    ``I = H(E) - H(E | label)`` of its softmax on the training tokens, then scored by its
+    hard top-1 on the held-out tokens (``eval.routing.mutual_information``)."""
+    import torch
+
+    from sparsedoc.eval.routing import mutual_information
+
+    torch.manual_seed(seed)
+    router = torch.nn.Linear(train_x.shape[1], num_experts)
+    opt = torch.optim.Adam(router.parameters(), lr)
+    onehot = torch.nn.functional.one_hot(train_labels, num_labels).float()  # (T, labels)
+    share = onehot.mean(0)
+    for _ in range(steps):
+        p = router(train_x).softmax(-1)  # (T, E)
+        p_e = p.mean(0)
+        p_e_given_l = (onehot.t() @ p) / onehot.sum(0).clamp_min(1).unsqueeze(-1)
+        h_e = -(p_e * p_e.clamp_min(1e-12).log()).sum()
+        h_e_l = -(share * (p_e_given_l * p_e_given_l.clamp_min(1e-12).log()).sum(-1)).sum()
+        loss = h_e_l - h_e
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        top1 = router(eval_x).argmax(-1)
+    counts = torch.bincount(eval_labels * num_experts + top1,
+                            minlength=num_labels * num_experts).view(num_labels, num_experts)
+    return float(mutual_information(counts.float()))
+
+
+def routing_ceiling(run_dir: Path, every: int = 6, train_batches: int = 30) -> dict:
+    """How much label information a linear top-1 router *can* carry here, per token.
+
+    Features are the inputs of the first MoE layer of every ``every``-th decoder block in the
+    run's model before training (B = 0: the frozen model's own hidden states), on training
+    tokens (to fit ``fit_ceiling_router``) and on the held-out tokens the arms are scored on.
+    The trained arms route on features the adapters may have moved, so this is a reference
+    point, not a strict bound."""
+    import torch
+
+    from sparsedoc.config import load_config
+    from sparsedoc.data.dataset import eval_batches, make_collator, prepare_data
+    from sparsedoc.models.load import load_model_and_tokenizer
+    from sparsedoc.moe.inject import block_index, inject_lora_moe, moe_layers
+    from sparsedoc.train.method import model_inputs
+
+    cfg = load_config(run_dir / "config.yaml")
+    model, tok, _ = load_model_and_tokenizer(cfg.model, torch.float32)
+    inject_lora_moe(model, cfg.adapter.moe)
+    picked, seen = {}, set()
+    for name, layer in moe_layers(model):
+        b = block_index(name)
+        if b is not None and b % every == 0 and b not in seen:
+            seen.add(b)
+            picked[name] = layer
+    data = prepare_data(cfg.data, tok, cfg.train.seed)
+    collate = make_collator(cfg.data, tok, data.label_vocab)
+    sets = {"train": eval_batches(data.train, collate, 8, 0, 1, train_batches),
+            "eval": eval_batches(data.eval, collate, 8, 0, 1)}
+    feats: dict[str, dict[str, list]] = {k: {n: [] for n in picked} for k in sets}
+    labels: dict[str, list] = {k: [] for k in sets}
+    model.eval()
+    for split, batches in sets.items():
+        current: dict[str, torch.Tensor] = {}
+        hooks = [layer.register_forward_hook(
+            lambda mod, args, out, n=n: current.__setitem__(n, args[0].detach()))
+            for n, layer in picked.items()]
+        with torch.no_grad():
+            for batch in batches:
+                model(**model_inputs(batch))
+                ids = batch["record_ids"].reshape(-1)
+                keep = ids >= 0
+                tok_labels = batch["record_label_ids"][ids[keep]]
+                keep_l = tok_labels >= 0
+                labels[split].append(tok_labels[keep_l])
+                for n in picked:
+                    x = current[n].reshape(ids.numel(), -1)[keep][keep_l]
+                    feats[split][n].append(x.float())
+        for h in hooks:
+            h.remove()
+    y_tr, y_ev = torch.cat(labels["train"]), torch.cat(labels["eval"])
+    counts = torch.bincount(y_ev, minlength=len(data.label_vocab)).float()
+    p = counts[counts > 0] / counts.sum()
+    h_label = float(-(p * p.log2()).sum())
+    per_layer = {n: fit_ceiling_router(torch.cat(feats["train"][n]), y_tr,
+                                       torch.cat(feats["eval"][n]), y_ev, len(data.label_vocab),
+                                       cfg.adapter.moe.num_experts)
+                 for n in picked}
+    mean = sum(per_layer.values()) / len(per_layer)
+    return {"mi_bits_per_layer": per_layer, "mi_bits_mean": mean, "label_entropy_bits": h_label,
+            "mi_fraction_mean": mean / h_label, "train_tokens": len(y_tr),
+            "eval_tokens": len(y_ev)}
+
+
 def mixtral_routing(run_dir: Path, out: Path) -> dict:
     """Export the run as a stock Mixtral checkpoint, route the held-out records with
     transformers' ``MixtralForCausalLM`` (no sparsedoc code in the forward) and measure
@@ -205,7 +302,8 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def report(results: dict[str, dict[int, dict]], out: Path, ffn: dict | None) -> str:
+def report(results: dict[str, dict[int, dict]], out: Path, ffn: dict | None,
+           ceiling: dict | None = None) -> str:
     """Markdown table per arm (mean over seeds, each seed in brackets), targets, and a plot."""
     lines = ["| arm | seeds | held-out loss (end) | I(label; top-1 expert) bits | fraction of "
              "H(label) | load entropy bits | busiest share | expert-output cosine | step s |",
@@ -243,6 +341,14 @@ def report(results: dict[str, dict[int, dict]], out: Path, ffn: dict | None) -> 
                          f"(none {base['mi_fraction_mean']:.4f}), expert-output cosine "
                          f"{m[arm]['expert_output_cosine']:.4f} (none "
                          f"{base['expert_output_cosine']:.4f})")
+    if ceiling:
+        lines.append(f"- **reference, the most a linear router can carry**: one fitted to "
+                     f"maximise I(label; expert) on the frozen model's router inputs "
+                     f"({len(ceiling['mi_bits_per_layer'])} layers, "
+                     f"{ceiling['train_tokens']} training tokens) reaches "
+                     f"{ceiling['mi_bits_mean']:.3f} bits ({ceiling['mi_fraction_mean']:.3f} of H) "
+                     f"on the held-out tokens (per layer: "
+                     + ", ".join(f"{v:.2f}" for v in ceiling["mi_bits_per_layer"].values()) + ")")
     if ffn:
         lines.append(f"- **FFN mode, label contrast, exported as Mixtral**: stock "
                      f"`MixtralForCausalLM` routes the held-out records with I(label; top-1) = "
@@ -296,6 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-per-label", type=int, default=110)
     p.add_argument("--ffn-export", action="store_true",
                    help="also train FFN mode with the label contrast and route its Mixtral export")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also fit the best linear router on the frozen model's router inputs: "
+                        "how much label information per token there is to route on")
     p.add_argument("overrides", nargs="*", help="key=value applied to every run")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -321,18 +430,28 @@ def main(argv: list[str] | None = None) -> None:
             score_file.write_text(json.dumps(score_run(run_dir), indent=2))
         results[arm][seed] = json.loads(score_file.read_text())
     arms = {a: r for a, r in results.items() if a != "ffn-label"}
-    write_report(out, arms, split, None)  # the arms' results stand even if the export fails
+    ceiling = None
+    if args.ceiling:
+        ceiling_file = out / "ceiling.json"
+        if not ceiling_file.is_file():
+            first = runs[0]
+            ceiling_file.write_text(json.dumps(
+                routing_ceiling(out / f"{first[0]}-seed{first[1]}"), indent=2))
+        ceiling = json.loads(ceiling_file.read_text())
+    write_report(out, arms, split, None, ceiling)  # the arms stand even if the export fails
     if args.ffn_export:
         ffn_dir = out / f"ffn-label-seed{int(args.seeds.split(',')[0])}"
-        write_report(out, arms, split, mixtral_routing(ffn_dir, ffn_dir))
+        write_report(out, arms, split, mixtral_routing(ffn_dir, ffn_dir), ceiling)
 
 
-def write_report(out: Path, arms: dict, split: dict, ffn: dict | None) -> None:
-    table = report(arms, out, ffn)
+def write_report(out: Path, arms: dict, split: dict, ffn: dict | None,
+                 ceiling: dict | None = None) -> None:
+    table = report(arms, out, ffn, ceiling)
     print(table, flush=True)
     (out / "ablation.md").write_text(table)
-    (out / "ablation.json").write_text(json.dumps({"data": split, "runs": arms, "ffn": ffn},
-                                                  indent=2, ensure_ascii=False))
+    (out / "ablation.json").write_text(json.dumps(
+        {"data": split, "runs": arms, "ffn": ffn, "ceiling": ceiling}, indent=2,
+        ensure_ascii=False))
 
 
 if __name__ == "__main__":
