@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from sparsedoc import fsio
 from sparsedoc.train.distributed import barrier, is_main
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -104,9 +105,7 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
             shutil.rmtree(final)
         os.replace(tmp, final)
         # DeepSpeed's own tools (zero_to_fp32.py) find the newest tag through this file.
-        latest_tmp = root / "latest.tmp"
-        latest_tmp.write_text(final.name)
-        os.replace(latest_tmp, root / "latest")
+        fsio.write_text(root / "latest", final.name)
         _rotate(output_dir, keep_last)
     barrier()
     return final

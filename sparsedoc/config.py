@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from sparsedoc import fsio
+
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names the dotted key."""
@@ -403,12 +405,8 @@ def config_to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, so any artifact says how it was made."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True),
-                   encoding="utf-8")
-    tmp.replace(path)
+    fsio.write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False,
+                                         allow_unicode=True))
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from sparsedoc import fsio
 from sparsedoc.config import LoggingCfg
 
 
@@ -42,7 +43,7 @@ class JsonlLogger:
             # A resumed run re-logs the steps after its checkpoint; drop the stale copies.
             keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
-            self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+            fsio.write_lines(self.path, keep)  # a crash here keeps the old log whole
         self._f = self.path.open("a", encoding="utf-8")
 
     def log(self, metrics: dict[str, float], step: int) -> None:

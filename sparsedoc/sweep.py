@@ -16,13 +16,13 @@ key.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sparsedoc import fsio
 from sparsedoc import recipes
 
 # run-folder and --param alias names; recipes.method_name maps "moe" to lora_moe
@@ -91,7 +91,7 @@ def _write_manifest(out: Path, meta: dict, runs: list[SweepRun], status: dict[st
     out.mkdir(parents=True, exist_ok=True)
     data = {**meta, "runs": [{**asdict(r), "status": status.get(r.run_dir, "pending")}
                              for r in runs]}
-    (out / "sweep.json").write_text(json.dumps(data, indent=2))
+    fsio.write_json(out / "sweep.json", data)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,9 +22,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
+from sparsedoc import fsio
 from sparsedoc.resources import resolve_path
 
 ROLES = ("system", "user", "assistant")
@@ -164,13 +164,7 @@ def read_jsonl(path: str | os.PathLike, validate: bool = True) -> list[dict]:
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
     """Write records atomically (temp file + rename), UTF-8, one JSON object a line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    fsio.write_lines(path, (json.dumps(r, ensure_ascii=False) for r in records))
 
 
 @dataclass

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from sparsedoc import fsio
 from sparsedoc.eval.stats import mean_std
 
 METRIC_ORDER = ("acc_loglik", "acc_generate", "rouge1", "rouge2", "rougeL", "rougeLsum",
@@ -219,7 +220,7 @@ def plot(rows: list[GroupRow], metrics: list[str], path: Path, max_metrics: int 
     fig.suptitle("mean ± std over runs (percent)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fsio.save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -234,7 +235,7 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = to_markdown(rows, names)
-    (out / "report.md").write_text(md, encoding="utf-8")
+    fsio.write_text(out / "report.md", md)
     to_csv(rows, names, out / "report.csv")
     plot(rows, names, out / "report.png")
     data = {"group_by": group_by, "metrics": names, "std": "sample (n - 1)", "groups": [
@@ -242,7 +243,7 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path,
          "trainable_pct": r.trainable_pct, "train_minutes": list(r.train_minutes),
          "metrics": {m: {"mean": v[0], "std": v[1], "n": v[2]} for m, v in r.metrics.items()}}
         for r in rows]}
-    (out / "report.json").write_text(json.dumps(_no_nan(data), indent=2))
+    fsio.write_json(out / "report.json", _no_nan(data))
     return {"markdown": md, "rows": rows, "metrics": names, "out_dir": out}
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from sparsedoc import fsio
 from sparsedoc.moe.inject import block_index, routing_layers
 from sparsedoc.moe.record import record_routing
 from sparsedoc.train.method import model_inputs
@@ -177,7 +178,7 @@ def plot_mi_per_layer(summary: dict, path: Path, title: str) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fsio.save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -193,8 +194,6 @@ def analyze_routing(model, tokenizer, records: list[dict], out_dir: Path, max_se
     decoder blocks, and I(label; top-1 expert) per layer) into ``out_dir``. Returns None, with
     nothing written, when fewer than two labels occur (the MI is 0 by definition).
     """
-    import json
-
     from sparsedoc.data.collate import PadCollator
     from sparsedoc.data.schema import routing_label
     from sparsedoc.data.tokenize import tokenize_records
@@ -224,5 +223,5 @@ def analyze_routing(model, tokenizer, records: list[dict], out_dir: Path, max_se
               **summary, "images": [str(p) for p in images],
               "top1_counts": {n: top1[i].tolist() for i, n in enumerate(layer_names)},
               "assigned_counts": {n: assigned[i].tolist() for i, n in enumerate(layer_names)}}
-    (out_dir / "routing.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    fsio.write_json(out_dir / "routing.json", result)
     return result

@@ -8,14 +8,13 @@ model identity (``load_for_eval``'s info), the settings, a ``summary`` per score
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from sparsedoc import fsio
 from sparsedoc.config import EvalCfg
 from sparsedoc.eval.cache import PredictionCache, cache_key
 from sparsedoc.eval.load import load_for_eval
@@ -115,11 +114,7 @@ def run_task(model, tokenizer, info: dict, task: Task, cfg: EvalCfg, out: Path) 
 
 
 def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=_json_default),
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    fsio.write_json(path, obj, indent=1, default=_json_default)
 
 
 def _json_default(o):

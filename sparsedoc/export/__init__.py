@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sparsedoc import fsio
 from sparsedoc.export.build import (ExportError, build_dense, build_merged, build_mixtral,
                                     build_routed, measure_gate_means)
 from sparsedoc.export.verify import (EXACT_ATOL, compare_weights, fp32_exact, greedy_diff,
@@ -95,18 +96,6 @@ def _temp_sibling(out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` to ``out``; an old ``out`` (``--force``) is set aside first and deleted last,
-    so a crash in between leaves either the old or the new export, never a mixture."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- what was trained --------------------------------------------------------------------------
@@ -431,7 +420,7 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions | None = None) 
         meta["size_bytes"] = _folder_bytes(tmp)
         (tmp / METADATA).write_text(json.dumps(meta, indent=2, default=str))
         _write_card(tmp, meta, info)
-        _replace(tmp, out)
+        fsio.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from sparsedoc import fsio
+
 log = logging.getLogger("sparsedoc")
 
 
@@ -126,6 +128,6 @@ def plot_load_heatmap(grid, row_labels: list[str], path: Path, title: str,
     fig.colorbar(im, ax=ax, label=colorbar_label)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fsio.save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

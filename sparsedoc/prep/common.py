@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from sparsedoc import fsio
 from sparsedoc.prep.readers import Context, ConvertError, Row, SourceFile, find_files, load_hf, \
     split_from_name
 from sparsedoc.prep.records import RowError, content_key
@@ -254,10 +254,10 @@ def _write_outputs(out: Path, info, results: dict, report: dict, t0: float) -> N
                 "inputs": [{k: f[k] for k in ("path", "sha256", "encoding")}
                            for f in report["files"]],
                 "outputs": outputs}
-    _write_json(out / "report.json", report)
-    _write_json(out / "manifest.json", manifest)
+    fsio.write_json(out / "report.json", report)
+    fsio.write_json(out / "manifest.json", manifest)
     example = next((recs[0] for recs, _ in results.values() if recs), None)
-    _write_text(out / "README.md", render_card(info, report, example))
+    fsio.write_text(out / "README.md", render_card(info, report, example))
 
 
 def _remove_stale(out: Path, splits: set[str]) -> None:
@@ -272,16 +272,6 @@ def _remove_stale(out: Path, splits: set[str]) -> None:
     for split, entry in previous.items():
         if split not in splits and (out / entry.get("path", "")).is_file():
             (out / entry["path"]).unlink()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import yaml
 
+from sparsedoc import fsio
 from sparsedoc.prep.common import ConvertError
 from sparsedoc.prep.records import content_key
 from sparsedoc.data.schema import RecordError, mcq_to_chat, read_jsonl, record_kind, \
@@ -222,8 +223,7 @@ def build_mixture(config: MixtureConfig, out: Path, config_path: Path | None = N
                    "labels": dict(Counter(record_label(r) or "(none)" for r in mixed)
                                   .most_common())},
         "seconds": round(time.perf_counter() - t0, 3)}
-    (out / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n",
-                                       encoding="utf-8")
+    fsio.write_json(out / "manifest.json", manifest)
     return manifest
 
 

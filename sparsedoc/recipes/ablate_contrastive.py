@@ -33,6 +33,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from sparsedoc import fsio
 from sparsedoc.resources import recipe_config_path
 
 ARMS = {
@@ -78,7 +79,7 @@ def build_data(src: Path, out: Path, eval_per_label: int, train_per_label: int, 
     write_jsonl(train_file, train)
     write_jsonl(eval_file, held_out)
     stats = {"source": str(src), "train": _label_counts(train), "eval": _label_counts(held_out)}
-    stats_file.write_text(json.dumps(stats, indent=2, ensure_ascii=False))
+    fsio.write_json(stats_file, stats)
     return stats
 
 
@@ -386,7 +387,7 @@ def _plot(results: dict[str, dict[int, dict]], path: Path) -> None:
     axes[1].legend(fontsize=7)
     fig.suptitle("contrastive ablation (held-out records)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fsio.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -427,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
             subprocess.run(cmd, check=True)
         score_file = run_dir / "score.json"
         if not score_file.is_file():
-            score_file.write_text(json.dumps(score_run(run_dir), indent=2))
+            fsio.write_json(score_file, score_run(run_dir))
         results[arm][seed] = json.loads(score_file.read_text())
     arms = {a: r for a, r in results.items() if a != "ffn-label"}
     ceiling = None
@@ -435,8 +436,7 @@ def main(argv: list[str] | None = None) -> None:
         ceiling_file = out / "ceiling.json"
         if not ceiling_file.is_file():
             first = runs[0]
-            ceiling_file.write_text(json.dumps(
-                routing_ceiling(out / f"{first[0]}-seed{first[1]}"), indent=2))
+            fsio.write_json(ceiling_file, routing_ceiling(out / f"{first[0]}-seed{first[1]}"))
         ceiling = json.loads(ceiling_file.read_text())
     write_report(out, arms, split, None, ceiling)  # the arms stand even if the export fails
     if args.ffn_export:
@@ -448,10 +448,9 @@ def write_report(out: Path, arms: dict, split: dict, ffn: dict | None,
                  ceiling: dict | None = None) -> None:
     table = report(arms, out, ffn, ceiling)
     print(table, flush=True)
-    (out / "ablation.md").write_text(table)
-    (out / "ablation.json").write_text(json.dumps(
-        {"data": split, "runs": arms, "ffn": ffn, "ceiling": ceiling}, indent=2,
-        ensure_ascii=False))
+    fsio.write_text(out / "ablation.md", table)
+    fsio.write_json(out / "ablation.json",
+                    {"data": split, "runs": arms, "ffn": ffn, "ceiling": ceiling})
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from sparsedoc import fsio
+
 VARIANTS = {
     "lora": ["adapter.method=lora"],
     "moe_dense": ["adapter.method=lora_moe", "adapter.moe.dispatch=dense"],
@@ -199,8 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             dense, grouped = t[f"{part}_dense"], t[f"{part}_grouped"]
             print(f"{name:<18}{part:<9}{dense:>10.4f}{grouped:>11.4f}{grouped / dense:>15.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        fsio.write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ LoRA-MoE, single LoRA, prompt tuning and full fine-tune, so their numbers are co
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sparsedoc import fsio
 from sparsedoc import checkpoint as ckpt
 from sparsedoc.config import Config, config_to_dict, save_config
 from sparsedoc.data.dataset import eval_batches, make_collator, prepare_data, train_loader
@@ -134,8 +134,8 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
-        (run_dir / "data_stats.json").write_text(json.dumps(st, indent=2, ensure_ascii=False))
+        fsio.write_json(run_dir / "ds_config.json", ds)
+        fsio.write_json(run_dir / "data_stats.json", st)
         for i, manifest in enumerate(data.manifests):
             shutil.copy(manifest, run_dir / (f"data_manifest_{i}.json" if i else "data_manifest.json"))
         loggers = [JsonlLogger(run_dir / "metrics.jsonl",
@@ -258,7 +258,7 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
                "max_seq_len": cfg.data.max_seq_len, "model": model_path,
                "final_checkpoint": str(last_ckpt) if last_ckpt else None}
     if is_main():
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        fsio.write_json(run_dir / "summary.json", summary)  # sweep's "done" marker
         logger.close()
         log.info("run folder: %s", run_dir.resolve())
         log.info("metrics:    %s", (run_dir / "metrics.jsonl").resolve())
