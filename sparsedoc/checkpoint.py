@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from sparsedoc import fsio
+from sparsedoc.artifacts import checkpoint_dirs, is_checkpoint
 from sparsedoc.train.distributed import barrier, is_main
 
-STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -36,14 +35,7 @@ def step_dirname(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temp folders of interrupted saves are ignored)."""
-    root = checkpoint_root(output_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := STEP_RE.match(p.name)) and (p / "trainer_state.json").is_file()]
-    return [p for _, p in sorted(found)]
+list_checkpoints = checkpoint_dirs  # complete checkpoints, oldest first
 
 
 def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:
@@ -54,7 +46,7 @@ def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:
         ckpts = list_checkpoints(output_dir)
         return ckpts[-1] if ckpts else None
     path = Path(resume_from)
-    if not (path / "trainer_state.json").is_file():
+    if not is_checkpoint(path):
         raise FileNotFoundError(f"train.resume_from={resume_from}: not a complete sparsedoc "
                                 f"checkpoint (no trainer_state.json)")
     return path

@@ -16,27 +16,16 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 
 import torch
 
-from sparsedoc.config import Config, ModelCfg, load_config
+from sparsedoc.artifacts import ADAPTER_CONFIG, RUN_CONFIG, Artifact, ArtifactError, locate
+from sparsedoc.config import Config, ModelCfg
 from sparsedoc.models.load import load_model_and_tokenizer, resolve_dtype
 
 log = logging.getLogger("sparsedoc")
-
-MOE_FORMAT = "sparsedoc-lora-moe"
-
-
-def _is_checkpoint(path: Path) -> bool:
-    return (path / "trainer_state.json").is_file() and (path / "config.yaml").is_file()
-
-
-def _is_run(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
-
 
 def _fingerprint(paths: list[Path]) -> str:
     """Cheap identity of the weights (path, size, mtime), so cached predictions of a model that
@@ -90,8 +79,12 @@ def _load_full(model, ckpt: Path) -> None:
         model.tie_weights()
 
 
-def _load_checkpoint(ckpt: Path, dtype: torch.dtype, run_dir: Path | None):
-    cfg: Config = load_config(ckpt / "config.yaml")
+def _load_checkpoint(art: Artifact, dtype: torch.dtype):
+    ckpt = art.checkpoint
+    if art.config_file is None:
+        raise ArtifactError(f"{ckpt}: a checkpoint with no {RUN_CONFIG}, here or in its run "
+                            f"folder; cannot tell which base model and method made it")
+    cfg: Config = art.config()
     method = cfg.adapter.method
     model, tokenizer, base_path = load_model_and_tokenizer(cfg.model, dtype)
     adapter_dir = ckpt / "adapter"
@@ -104,29 +97,24 @@ def _load_checkpoint(ckpt: Path, dtype: torch.dtype, run_dir: Path | None):
                                     f"without its adapter")
         model = _apply_adapter(model, method, adapter_dir)
         weights = [adapter_dir]
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    info = {"kind": "run" if run_dir else "checkpoint", "method": method,
-            "path": str((run_dir or ckpt).resolve()), "checkpoint": str(ckpt.resolve()),
-            "step": state.get("step"), "base_model": base_path, "seed": cfg.train.seed,
-            "run_dir": str(run_dir.resolve()) if run_dir else str(ckpt.parents[1].resolve()),
-            "fingerprint": _fingerprint(weights),
+    run_dir = art.run_dir or ckpt.parents[1]
+    info = {"kind": art.kind, "method": method, "path": art.path, "checkpoint": str(ckpt),
+            "step": art.step, "base_model": base_path, "seed": cfg.train.seed,
+            "run_dir": str(run_dir.resolve()), "fingerprint": _fingerprint(weights),
             "adapter_dir": str(adapter_dir) if method != "full" else None}
     return model, tokenizer, info
 
 
-def _load_adapter_folder(path: Path, dtype: torch.dtype):
-    meta = json.loads((path / "adapter_config.json").read_text())
-    if meta.get("format") == MOE_FORMAT:
-        method, base = "lora_moe", meta["base_model"]
-    else:
-        method = "prompt" if meta.get("peft_type") == "PROMPT_TUNING" else "lora"
-        base = meta.get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{path}/adapter_config.json names no base model")
-    model, tokenizer, base_path = load_model_and_tokenizer(ModelCfg(name_or_path=base), dtype)
-    model = _apply_adapter(model, method, path)
-    info = {"kind": "adapter", "method": method, "path": str(path.resolve()),
-            "base_model": base_path, "fingerprint": _fingerprint([path]), "adapter_dir": str(path)}
+def _load_adapter_folder(art: Artifact, dtype: torch.dtype):
+    meta = art.adapter
+    if not meta.base_model:
+        raise ValueError(f"{meta.dir / ADAPTER_CONFIG} names no base model")
+    model, tokenizer, base_path = load_model_and_tokenizer(ModelCfg(name_or_path=meta.base_model),
+                                                           dtype)
+    model = _apply_adapter(model, meta.method, meta.dir)
+    info = {"kind": "adapter", "method": meta.method, "path": art.path,
+            "base_model": base_path, "fingerprint": _fingerprint([meta.dir]),
+            "adapter_dir": str(meta.dir)}
     return model, tokenizer, info
 
 
@@ -137,25 +125,14 @@ def load_for_eval(path: str, dtype: str = "auto", device: str = "auto"):
     (lora_moe / lora / prompt / full / base), the checkpoint and step, the base model, and a
     weights ``fingerprint``. The model is in eval mode on ``device`` (auto: cuda if available).
     """
-    from sparsedoc import checkpoint as ckpt_mod
-
     torch_dtype = resolve_dtype(dtype)
-    p = Path(path)
-    if p.is_dir() and _is_run(p):
-        ckpts = ckpt_mod.list_checkpoints(p)
-        if not ckpts:
-            raise FileNotFoundError(f"{p}: a run folder with no complete checkpoint in "
-                                    f"{p / 'checkpoints'}")
-        model, tokenizer, info = _load_checkpoint(ckpts[-1], torch_dtype, p)
-    elif p.is_dir() and _is_checkpoint(p):
-        model, tokenizer, info = _load_checkpoint(p, torch_dtype, None)
-    elif p.is_dir() and (p / "adapter_config.json").is_file():
-        model, tokenizer, info = _load_adapter_folder(p, torch_dtype)
+    art = locate(path)
+    if art.kind in ("run", "checkpoint"):
+        model, tokenizer, info = _load_checkpoint(art, torch_dtype)
+    elif art.kind == "adapter":
+        model, tokenizer, info = _load_adapter_folder(art, torch_dtype)
     else:
-        if p.exists() and not (p / "config.json").is_file():
-            raise FileNotFoundError(f"{p}: not a run folder (config.yaml + checkpoints/), a "
-                                    f"checkpoint, an adapter folder or an HF model folder")
-        model, tokenizer, base_path = load_model_and_tokenizer(ModelCfg(name_or_path=path),
+        model, tokenizer, base_path = load_model_and_tokenizer(ModelCfg(name_or_path=art.path),
                                                                torch_dtype)
         method = "lora_moe" if model.config.model_type == "sparsedoc_lora_moe" else "base"
         info = {"kind": "hf", "method": method, "path": base_path, "base_model": base_path,

@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sparsedoc import fsio
+from sparsedoc.artifacts import read_adapter_meta
 from sparsedoc.export.build import (ExportError, build_dense, build_merged, build_mixtral,
                                     build_routed, measure_gate_means)
 from sparsedoc.export.verify import (EXACT_ATOL, compare_weights, fp32_exact, greedy_diff,
@@ -116,8 +117,7 @@ def _moe_cfg(model, info: dict):
     from sparsedoc.config import MoECfg
 
     if info.get("adapter_dir") and info["method"] == "lora_moe":
-        meta = json.loads((Path(info["adapter_dir"]) / "adapter_config.json").read_text())
-        return MoECfg(**meta["moe"])
+        return MoECfg(**read_adapter_meta(info["adapter_dir"]).moe)
     if getattr(model.config, "sparsedoc_moe", None):
         return MoECfg(**model.config.sparsedoc_moe)
     return None

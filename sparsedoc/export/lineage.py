@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from sparsedoc.checkpoint import list_checkpoints
+from sparsedoc.artifacts import ArtifactError, is_run, locate
 from sparsedoc.models.load import EMBEDDED_DIRNAME, EMBEDDED_NAMES
 from sparsedoc.resources import is_bundled_demo_file
 
@@ -66,23 +66,15 @@ def _read_yaml(path: Path, warnings: list[str]):
 
 
 def _locate(source: Path) -> tuple[str, Path | None, Path | None]:
-    """(kind of source, run folder or None, checkpoint folder or None)."""
-    p = source.resolve()
-    if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir():
-        ckpts = list_checkpoints(p)
-        return "run", p, ckpts[-1].resolve() if ckpts else None
-    if (p / "trainer_state.json").is_file():
-        kind, ckpt = "checkpoint", p
-    elif (p / "adapter_config.json").is_file():
-        kind = "adapter"
-        ckpt = p.parent if (p.parent / "trainer_state.json").is_file() else None
-    else:
+    """(kind of source, run folder or None, checkpoint folder or None); "other" for anything
+    ``artifacts.locate`` does not recognise as part of a training run."""
+    try:
+        art = locate(source)
+    except ArtifactError:  # a run with no complete checkpoint still has a config and data
+        return ("run", source.resolve(), None) if is_run(source) else ("other", None, None)
+    if art.kind == "hf":
         return "other", None, None
-    run = None
-    if ckpt is not None and ckpt.parent.name == "checkpoints" and \
-            (ckpt.parents[1] / "config.yaml").is_file():
-        run = ckpt.parents[1]
-    return kind, run, ckpt
+    return art.kind, art.run_dir, art.checkpoint
 
 
 def _manifest_datasets(manifest: dict, file_name: str, train_names: set[str]) -> list[dict]:

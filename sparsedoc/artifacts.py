@@ -1,0 +1,173 @@
+"""What a path is: a training run, a checkpoint, an adapter, or a model folder / hub id.
+
+The one place that recognises sparsedoc's folders and parses their metadata files. Loading
+(``sparsedoc.eval.load``), export, lineage and the model cards ask ``locate`` instead of
+checking files themselves. Imports no torch, so a CLI can answer "what is this" at once.
+
+Layouts::
+
+    <run>/config.yaml, summary.json, checkpoints/step-000050/   a training run
+    <run>/checkpoints/step-000050/trainer_state.json, config.yaml, adapter/   a checkpoint
+    <folder>/adapter_config.json (+ weights)                   an adapter: peft, or
+                                                               "format": "sparsedoc-lora-moe"
+    <folder>/config.json                                       a model (base or export)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+STEP_RE = re.compile(r"^step-(\d+)$")
+MOE_FORMAT = "sparsedoc-lora-moe"
+ADAPTER_CONFIG = "adapter_config.json"
+TRAINER_STATE = "trainer_state.json"
+RUN_CONFIG = "config.yaml"
+
+Kind = Literal["run", "checkpoint", "adapter", "hf"]  # hf: a model folder or a hub id
+
+
+class ArtifactError(FileNotFoundError):
+    """The path is not something sparsedoc can load; the message says what was found."""
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """A run's complete checkpoints, oldest first (temp folders of interrupted saves, which
+    have no ``trainer_state.json`` yet, are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_RE.match(p.name)) and (p / TRAINER_STATE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def is_run(path: Path) -> bool:
+    return (path / RUN_CONFIG).is_file() and (path / "checkpoints").is_dir()
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / TRAINER_STATE).is_file()
+
+
+@dataclass(frozen=True)
+class AdapterMeta:
+    """An adapter folder's ``adapter_config.json``, read once."""
+
+    dir: Path
+    method: Literal["lora", "prompt", "lora_moe"]
+    base_model: str | None
+    raw: dict
+
+    @property
+    def moe(self) -> dict | None:
+        """The LoRA-MoE settings (``MoECfg`` fields) of a sparsedoc adapter, else None."""
+        return self.raw.get("moe") if self.method == "lora_moe" else None
+
+
+def read_adapter_meta(adapter_dir: str | Path) -> AdapterMeta:
+    """Parse ``adapter_config.json``: a sparsedoc LoRA-MoE adapter or a peft one."""
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / ADAPTER_CONFIG
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing; not an adapter folder") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    if raw.get("format") == MOE_FORMAT:
+        return AdapterMeta(adapter_dir, "lora_moe", raw.get("base_model"), raw)
+    method = "prompt" if raw.get("peft_type") == "PROMPT_TUNING" else "lora"
+    return AdapterMeta(adapter_dir, method, raw.get("base_model_name_or_path"), raw)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A located artifact. ``path`` is the resolved folder (or the hub id / ``embedded`` of a
+    model that is not a local folder); ``run_dir`` and ``checkpoint`` are filled whenever the
+    artifact sits inside a run, whichever of the three folders was named."""
+
+    kind: Kind
+    path: str
+    run_dir: Path | None = None
+    checkpoint: Path | None = None
+    adapter_dir: Path | None = None
+
+    @cached_property
+    def trainer_state(self) -> dict | None:
+        if self.checkpoint is None:
+            return None
+        return json.loads((self.checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+
+    @property
+    def step(self) -> int | None:
+        return (self.trainer_state or {}).get("step")
+
+    @property
+    def config_file(self) -> Path | None:
+        """The checkpoint's copy of the run config first (it is what made those weights)."""
+        for folder in (self.checkpoint, self.run_dir):
+            if folder is not None and (folder / RUN_CONFIG).is_file():
+                return folder / RUN_CONFIG
+        return None
+
+    def config(self):
+        """The typed run config (``sparsedoc.config.Config``), or None outside a run."""
+        from sparsedoc.config import load_config
+
+        return load_config(self.config_file) if self.config_file else None
+
+    @cached_property
+    def adapter(self) -> AdapterMeta | None:
+        if self.adapter_dir is None or not (self.adapter_dir / ADAPTER_CONFIG).is_file():
+            return None
+        return read_adapter_meta(self.adapter_dir)
+
+    @property
+    def name(self) -> str:
+        """Short display name: ``<run>@<step>`` inside a run, else the folder's name."""
+        if self.run_dir is not None and self.kind in ("run", "checkpoint"):
+            return self.run_dir.name + (f"@{self.step}" if self.step is not None else "")
+        return Path(self.path).name
+
+
+def locate(path: str | Path) -> Artifact:
+    """Recognise ``path``. A run resolves to its latest complete checkpoint; an adapter inside
+    a checkpoint knows its checkpoint and run. A path that does not exist is taken as a hub id
+    (or ``embedded``) and left to the model loader."""
+    p = Path(path)
+    if not p.exists():
+        return Artifact("hf", str(path))
+    p = p.resolve()
+    if not p.is_dir():
+        raise ArtifactError(f"{p}: a file; expected a run, checkpoint, adapter or model folder")
+    if is_run(p):
+        ckpts = checkpoint_dirs(p)
+        if not ckpts:
+            raise ArtifactError(f"{p}: a run folder with no complete checkpoint in "
+                                f"{p / 'checkpoints'}")
+        return Artifact("run", str(p), run_dir=p, checkpoint=ckpts[-1],
+                        adapter_dir=ckpts[-1] / "adapter")
+    if is_checkpoint(p):
+        return Artifact("checkpoint", str(p), run_dir=_run_of(p), checkpoint=p,
+                        adapter_dir=p / "adapter")
+    if (p / ADAPTER_CONFIG).is_file():
+        ckpt = p.parent if is_checkpoint(p.parent) else None
+        return Artifact("adapter", str(p), run_dir=_run_of(ckpt) if ckpt else None,
+                        checkpoint=ckpt, adapter_dir=p)
+    if (p / "config.json").is_file():
+        return Artifact("hf", str(p))
+    raise ArtifactError(f"{p}: not a run folder ({RUN_CONFIG} + checkpoints/), a checkpoint "
+                        f"({TRAINER_STATE}), an adapter folder ({ADAPTER_CONFIG}) or a model "
+                        f"folder (config.json)")
+
+
+def _run_of(ckpt: Path) -> Path | None:
+    run = ckpt.parent.parent
+    return run if ckpt.parent.name == "checkpoints" and (run / RUN_CONFIG).is_file() else None
