@@ -18,6 +18,7 @@ from sparsedoc.data.dataset import eval_batches, make_collator, prepare_data
 from sparsedoc.data.schema import read_jsonl, write_jsonl
 from sparsedoc.eval.load import load_for_eval
 from sparsedoc.train.method import model_inputs
+from sparsedoc.train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"lora": "lora", "prompt": "prompt", "moe": "lora_moe", "full": "full"}
@@ -29,8 +30,8 @@ def runs(tiny_model_dir, toy_data, tmp_path_factory) -> dict[str, Path]:
     """One 3-step run per method on the toy data (lr high enough to move the held-out loss)."""
     root = tmp_path_factory.mktemp("eval-runs")
     train, evals = toy_data
-    out = {}
-    for short, method in METHODS.items():
+    procs = {}
+    for short, method in METHODS.items():  # started together: mostly one-thread start-up work
         run = root / short
         cmd = [sys.executable, str(REPO / "recipes" / f"train_{short}.py"),
                f"model.name_or_path={tiny_model_dir}", f"data.train_files=[{train}]",
@@ -38,11 +39,15 @@ def runs(tiny_model_dir, toy_data, tmp_path_factory) -> dict[str, Path]:
                "train.max_steps=3", "train.micro_batch_size=8", "train.save_every=3",
                "train.lr=0.05", "train.warmup_steps=1", "train.lr_schedule=constant",
                "train.eval_every=0", "logging.wandb=false"]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        out[method] = run
-    return out
+        log = (root / f"{short}.log").open("w")
+        procs[method] = (run, log, subprocess.Popen(
+            cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}))
+    for method, (run, log, proc) in procs.items():
+        code = proc.wait(timeout=900)
+        log.close()
+        assert code == 0, f"{method}: " + (root / f"{run.name}.log").read_text()[-3000:]
+    return {method: run for method, (run, _, _) in procs.items()}
 
 
 @torch.no_grad()
