@@ -88,6 +88,9 @@ class MoECfg:
     # label: past records' routing representations in the memory queue (L x E floats each)
     queue_size: int = 256
     contrastive_tokens: int = 64  # tokens per micro-batch the expert contrast runs all E experts on
+    # router learning rate as a multiple of train.lr: routing must move further than the
+    # adapters in a short fine-tune for any supervision to shape it (docs/method.md, ablation)
+    router_lr_scale: float = 1.0
     collapse_threshold: float = 0.9  # share of tokens sent to one expert that counts as collapse
     collapse_patience: int = 20  # consecutive logged steps above the threshold before warning
 
@@ -109,6 +112,9 @@ class MoECfg:
                               "set router_scope=module and shared_expert=false")
         if self.temperature <= 0:
             raise ConfigError(f"adapter.moe.temperature: expected > 0, got {self.temperature}")
+        if self.router_lr_scale <= 0:
+            raise ConfigError(f"adapter.moe.router_lr_scale: expected > 0, got "
+                              f"{self.router_lr_scale}")
         if self.queue_size < 1:
             raise ConfigError(f"adapter.moe.queue_size: expected >= 1, got {self.queue_size}")
         if self.contrastive == "expert" and self.contrastive_tokens < 2:
@@ -208,6 +214,16 @@ class Config:
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     logging: LoggingCfg = field(default_factory=LoggingCfg)
+
+    def __post_init__(self) -> None:
+        # DeepSpeed's WarmupLR / WarmupDecayLR set one lr for every parameter group; only
+        # WarmupCosineLR scales each group's own lr, so a router lr multiple needs it.
+        if (self.adapter.method == "lora_moe" and self.adapter.moe.router_lr_scale != 1.0
+                and self.train.lr_schedule != "cosine"):
+            raise ConfigError(f"adapter.moe.router_lr_scale={self.adapter.moe.router_lr_scale} "
+                              f"needs train.lr_schedule=cosine (DeepSpeed's "
+                              f"{self.train.lr_schedule} schedule gives every parameter group "
+                              f"the same lr); got {self.train.lr_schedule}")
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from sparsedoc.config import Config, MoECfg, load_config
+from sparsedoc.config import Config, ConfigError, MoECfg, load_config
 from sparsedoc.data.collate import PackCollator, PadCollator, pack_examples
 from sparsedoc.data.dataset import prepare_data
 from sparsedoc.models.load import enable_activation_checkpointing, load_tokenizer
@@ -320,3 +320,58 @@ def test_queue_sync_check_detects_a_diverged_rank(tiny_model_dir, toy_data, monk
     # a second "rank" whose queue digest differs by one write
     monkeypatch.setattr(moe_method, "all_gather_cat", lambda t: torch.cat([t, t + 1.0]))
     assert not queues_in_sync(model)
+
+
+_ROUTER_LR_SCRIPT = r"""
+import json, sys, torch, deepspeed
+from transformers import AutoModelForCausalLM
+from sparsedoc.config import load_config
+from sparsedoc.moe.method import MoEMethod
+from sparsedoc.resources import ds_config_path
+from sparsedoc.train.distributed import build_ds_config, init_distributed
+tiny, scale = sys.argv[1], float(sys.argv[2])
+cfg = load_config(None, [f"model.name_or_path={tiny}", f"adapter.moe.router_lr_scale={scale}",
+                         "train.lr=0.01", "train.warmup_steps=2", "train.max_steps=6"])
+init_distributed()
+method = MoEMethod()
+model = method.build(AutoModelForCausalLM.from_pretrained(tiny), cfg)
+ds = build_ds_config(ds_config_path("zero2"), cfg, 1, torch.float32)
+groups = method.param_groups(model, cfg.train.lr)
+router_ids = {id(p) for r in method.routers for p in r.parameters()}
+sizes = [len(g["params"]) for g in groups]  # read before ZeRO swaps in its flat partitions
+router_group = sorted({i for i, g in enumerate(groups) for p in g["params"] if id(p) in router_ids})
+engine, opt, _, sched = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
+rows = []
+for _ in range(5):
+    sched.step()
+    rows.append([g["lr"] for g in opt.param_groups])
+print(json.dumps({"lrs": rows, "groups": sizes, "router_params": len(router_ids),
+                  "router_group": router_group}))
+"""
+
+
+@pytest.mark.slow  # real DeepSpeed engine and scheduler, in a child process
+def test_router_lr_scale_survives_deepspeeds_optimizer_and_schedule(tiny_model_dir, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from sparsedoc.train.distributed import free_port
+
+    script = tmp_path / "lr.py"
+    script.write_text(_ROUTER_LR_SCRIPT)
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir), "10"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["router_group"] == [1] and out["groups"][1] == out["router_params"] > 0
+    lrs = out["lrs"]
+    assert len({round(row[0], 12) for row in lrs}) > 1  # the schedule moves the lr
+    for base, router in lrs:  # ... and keeps the router's at 10x at every step
+        assert router == pytest.approx(10 * base, rel=1e-9)
+    with pytest.raises(ConfigError, match="router_lr_scale=10.0 needs train.lr_schedule=cosine"):
+        load_config(None, ["adapter.moe.router_lr_scale=10", "train.lr_schedule=linear"])

@@ -99,6 +99,17 @@ class MoEMethod(Method):
                  self.cfg.contrastive, queue_bytes(model) / 2**20)
         return model
 
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """Routers at ``router_lr_scale x lr``, everything else trainable at ``lr``."""
+        router_ids = {id(p) for r in self.routers for p in r.parameters()}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        rest = [p for p in trainable if id(p) not in router_ids]
+        routers = [p for p in trainable if id(p) in router_ids]
+        if self.cfg.router_lr_scale == 1.0 or not routers:
+            return [{"params": trainable, "lr": lr}]
+        return [{"params": rest, "lr": lr},
+                {"params": routers, "lr": lr * self.cfg.router_lr_scale}]
+
     # ---- before the first step -----------------------------------------------------------------
     @torch.no_grad()
     def calibrate(self, model, batches: list[dict[str, torch.Tensor]]) -> None:

@@ -108,7 +108,7 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
                             cfg.train.eval_batches)
 
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model=model, model_parameters=method.param_groups(model, cfg.train.lr),
         config=ds)
 
     # ---- resume -----------------------------------------------------------------------------

@@ -59,6 +59,10 @@ class Method:
     def build(self, model: nn.Module, cfg: Config) -> nn.Module:
         raise NotImplementedError
 
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """The optimizer's parameter groups: every trainable parameter at ``lr``."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
     def compute_loss(self, model, batch: dict[str, torch.Tensor], step: int
                      ) -> tuple[torch.Tensor, dict[str, float]]:
         """``model`` runs the forward: the DeepSpeed engine in training, a bare model in tests."""
