@@ -40,7 +40,13 @@ ARMS = {
     "none": ["adapter.moe.contrastive=none"],
     "label": ["adapter.moe.contrastive=label"],
     "expert": ["adapter.moe.contrastive=expert"],
+    # the label contrast made to dominate the router's gradient, then with routers that can move
+    "label-w1": ["adapter.moe.contrastive=label", "adapter.moe.contrastive_weight=1.0",
+                 "adapter.moe.temperature=0.05"],
+    "label-w1-router30": ["adapter.moe.contrastive=label", "adapter.moe.contrastive_weight=1.0",
+                          "adapter.moe.temperature=0.05", "adapter.moe.router_lr_scale=30"],
 }
+DEFAULT_ARMS = "none,label,expert"
 FFN_ARM = ["adapter.moe.mode=ffn", "adapter.moe.contrastive=label"]
 # The settings every arm shares (on top of the demo config), sized for 2 CPU cores, where a
 # training step of 8 records takes ~14 s: 40 steps of 4 records (160 of the ~790 training
@@ -332,8 +338,8 @@ def report(results: dict[str, dict[int, dict]], out: Path, ffn: dict | None,
               f"layers; {any_run['steps']} steps.", ""]
     if "none" in m:
         base = m["none"]
-        for arm in ("label", "expert"):
-            if arm not in m:
+        for arm in m:
+            if arm == "none":
                 continue
             cost = 100 * (m[arm]["eval_loss_final"] / base["eval_loss_final"] - 1)
             ratio = m[arm]["mi_bits_mean"] / max(base["mi_bits_mean"], 1e-12)
@@ -397,7 +403,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--src", default="../shared/data/cmmlu_med",
                    help="the CMMLU medical subjects, as released (sparsedoc prepare cmmlu_med)")
     p.add_argument("--out", default="runs/ablation")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {list(ARMS)}")
+    p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated, of {list(ARMS)}")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: report the runs that have finished, list the others")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--eval-per-label", type=int, default=12)
     p.add_argument("--train-per-label", type=int, default=110)
@@ -420,6 +428,9 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[int, dict]] = defaultdict(dict)
     for arm, seed, arm_overrides in runs:
         run_dir = out / f"{arm}-seed{seed}"
+        if args.report_only and not (run_dir / "summary.json").is_file():
+            print(f"== {arm} seed {seed}: not run", flush=True)
+            continue
         if not (run_dir / "summary.json").is_file():  # resumable: finished runs are kept
             cmd = [sys.executable, "-m", "sparsedoc.recipes.train_moe", "--config", args.config,
                    f"train.output_dir={run_dir}", f"train.seed={seed}", *COMMON, *data,
@@ -435,8 +446,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.ceiling:
         ceiling_file = out / "ceiling.json"
         if not ceiling_file.is_file():
-            first = runs[0]
-            fsio.write_json(ceiling_file, routing_ceiling(out / f"{first[0]}-seed{first[1]}"))
+            arm = next(iter(arms))  # any finished run: the ceiling uses its data and model
+            fsio.write_json(ceiling_file,
+                            routing_ceiling(out / f"{arm}-seed{next(iter(arms[arm]))}"))
         ceiling = json.loads(ceiling_file.read_text())
     write_report(out, arms, split, None, ceiling)  # the arms stand even if the export fails
     if args.ffn_export:
