@@ -35,7 +35,7 @@ class ArtifactError(FileNotFoundError):
     """The path is not something sparsedoc can load; the message says what was found."""
 
 
-def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """A run's complete checkpoints, oldest first (temp folders of interrupted saves, which
     have no ``trainer_state.json`` yet, are ignored)."""
     root = Path(run_dir) / "checkpoints"
@@ -148,7 +148,7 @@ def locate(path: str | Path) -> Artifact:
     if not p.is_dir():
         raise ArtifactError(f"{p}: a file; expected a run, checkpoint, adapter or model folder")
     if is_run(p):
-        ckpts = checkpoint_dirs(p)
+        ckpts = list_checkpoints(p)
         if not ckpts:
             raise ArtifactError(f"{p}: a run folder with no complete checkpoint in "
                                 f"{p / 'checkpoints'}")

@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from sparsedoc import fsio
-from sparsedoc.artifacts import checkpoint_dirs, is_checkpoint
+from sparsedoc.artifacts import is_checkpoint, list_checkpoints  # noqa: F401 (re-exported)
 from sparsedoc.train.distributed import barrier, is_main
-
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -33,9 +32,6 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 def step_dirname(step: int) -> str:
     return f"step-{step:06d}"
-
-
-list_checkpoints = checkpoint_dirs  # complete checkpoints, oldest first
 
 
 def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:

@@ -88,8 +88,9 @@ class MoECfg:
     # label: past records' routing representations in the memory queue (L x E floats each)
     queue_size: int = 256
     contrastive_tokens: int = 64  # tokens per micro-batch the expert contrast runs all E experts on
-    # router learning rate as a multiple of train.lr: routing must move further than the
-    # adapters in a short fine-tune for any supervision to shape it (docs/method.md, ablation)
+    # router learning rate as a multiple of train.lr (own optimizer group): lets routing move
+    # further than the adapters in a short fine-tune; 30 did not help the label contrast in
+    # the contrastive ablation (docs/method.md)
     router_lr_scale: float = 1.0
     collapse_threshold: float = 0.9  # share of tokens sent to one expert that counts as collapse
     collapse_patience: int = 20  # consecutive logged steps above the threshold before warning

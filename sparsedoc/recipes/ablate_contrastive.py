@@ -134,16 +134,16 @@ def score_run(run_dir: Path) -> dict:
     """Held-out loss (from the run), specialisation and expert distinctness of its adapter."""
     import torch
 
-    from sparsedoc.checkpoint import list_checkpoints
-    from sparsedoc.config import load_config
+    from sparsedoc.artifacts import locate
     from sparsedoc.eval.routing import label_expert_counts, specialization_summary
     from sparsedoc.models.load import load_model_and_tokenizer
     from sparsedoc.moe.inject import load_moe_adapter
 
-    cfg = load_config(run_dir / "config.yaml")
+    run = locate(run_dir)
+    cfg = run.config()
     summary = json.loads((run_dir / "summary.json").read_text())
     model, tok, _ = load_model_and_tokenizer(cfg.model, torch.float32)
-    load_moe_adapter(model, list_checkpoints(run_dir)[-1] / "adapter")
+    load_moe_adapter(model, run.adapter_dir)
     data, batches = _held_out(cfg, tok)
     top1, assigned, names = label_expert_counts(model, batches, len(data.label_vocab))
     spec = specialization_summary(top1, assigned, names, cfg.adapter.moe.top_k)
@@ -199,13 +199,13 @@ def routing_ceiling(run_dir: Path, every: int = 6, train_batches: int = 30) -> d
     point, not a strict bound."""
     import torch
 
-    from sparsedoc.config import load_config
+    from sparsedoc.artifacts import locate
     from sparsedoc.data.dataset import eval_batches, make_collator, prepare_data
     from sparsedoc.models.load import load_model_and_tokenizer
     from sparsedoc.moe.inject import block_index, inject_lora_moe, moe_layers
     from sparsedoc.train.method import model_inputs
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = locate(run_dir).config()
     model, tok, _ = load_model_and_tokenizer(cfg.model, torch.float32)
     inject_lora_moe(model, cfg.adapter.moe)
     picked, seen = {}, set()
@@ -261,8 +261,7 @@ def mixtral_routing(run_dir: Path, out: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sparsedoc.checkpoint import list_checkpoints
-    from sparsedoc.config import load_config
+    from sparsedoc.artifacts import locate
     from sparsedoc.eval.routing import add_counts, label_expert_counts, specialization_summary
     from sparsedoc.export import ExportOptions, export
     from sparsedoc.models.load import load_model_and_tokenizer
@@ -272,9 +271,10 @@ def mixtral_routing(run_dir: Path, out: Path) -> dict:
     export_dir = out / "mixtral"
     if not (export_dir / "config.json").is_file():
         export(run_dir, export_dir, ExportOptions(mode="mixtral", force=True))
-    cfg = load_config(run_dir / "config.yaml")
+    run = locate(run_dir)
+    cfg = run.config()
     model, tok, _ = load_model_and_tokenizer(cfg.model, torch.float32)
-    load_moe_adapter(model, list_checkpoints(run_dir)[-1] / "adapter")
+    load_moe_adapter(model, run.adapter_dir)
     data, batches = _held_out(cfg, tok)
     top1, assigned, names = label_expert_counts(model, batches, len(data.label_vocab))
     ours = specialization_summary(top1, assigned, names, cfg.adapter.moe.top_k)
