@@ -82,7 +82,9 @@ class MoECfg:
     dispatch: Literal["auto", "dense", "grouped"] = "auto"
     balance_weight: float = 0.01
     z_weight: float = 0.001
-    contrastive: Literal["none", "expert", "label"] = "label"
+    # label: InfoNCE of routing logits against the queue; label_mi: the routing's information
+    # about the label, with the queue's past records (docs/method.md compares them)
+    contrastive: Literal["none", "expert", "label", "label_mi"] = "label"
     contrastive_weight: float = 0.1
     temperature: float = 0.1
     # label: past records' routing representations in the memory queue (L x E floats each)
@@ -118,6 +120,9 @@ class MoECfg:
                               f"{self.router_lr_scale}")
         if self.queue_size < 1:
             raise ConfigError(f"adapter.moe.queue_size: expected >= 1, got {self.queue_size}")
+        if self.contrastive == "label_mi" and self.num_experts < 2:
+            raise ConfigError("adapter.moe.contrastive=label_mi: routing carries information "
+                              f"only with num_experts >= 2, got {self.num_experts}")
         if self.contrastive == "expert" and self.contrastive_tokens < 2:
             raise ConfigError(f"adapter.moe.contrastive_tokens: contrastive=expert needs >= 2 "
                               f"sampled tokens per micro-batch (an expert's output on one is "

@@ -211,3 +211,64 @@ def test_queue_state_round_trips_through_state_dict(tmp_path):
 def test_queue_rejects_wrong_dim():
     with pytest.raises(ValueError, match="dim is 4"):
         MemoryQueue(1, 2, 4).enqueue(0, torch.randn(1, 3))
+
+
+def _mi_bits_reference(p_given, share):
+    """I(label; expert) in nats from per-label expert distributions, by explicit sums."""
+    E = len(p_given[0])
+    marg = [sum(share[c] * p_given[c][e] for c in range(len(share))) for e in range(E)]
+    h = -sum(m * math.log(m) for m in marg if m > 0)
+    h_cond = -sum(share[c] * sum(q * math.log(q) for q in p_given[c] if q > 0)
+                  for c in range(len(share)))
+    return h - h_cond
+
+
+def test_label_mi_loss_matches_a_loop_reference_over_batch_and_queue():
+    torch.manual_seed(0)
+    L, E = 2, 3
+    logits = [torch.randn(8, E, requires_grad=True) for _ in range(L)]
+    probs = [z.softmax(-1) for z in logits]
+    record_ids = torch.tensor([[0, 0, 1, 1], [2, 2, 3, -1]])  # packed rows, one padding token
+    labels = torch.tensor([0, 1, 0, -1])  # record 3 unlabelled: not in the estimate
+    queue = torch.rand(3, L * E)
+    queue = (queue.view(3, L, E) / queue.view(3, L, E).sum(-1, keepdim=True)).view(3, L * E)
+    qlab = torch.tensor([1, 2, 1])
+    loss, protos, n = losses.label_routing_mi_loss(probs, record_ids, labels, queue, qlab)
+    assert n == 3
+    # reference: prototypes by loops, then per-layer MI over the 3 batch + 3 queue records
+    ids = record_ids.reshape(-1).tolist()
+    recs = {}
+    for t, r in enumerate(ids):
+        if r >= 0:
+            recs.setdefault(r, []).append(t)
+    expect = 0.0
+    for layer in range(L):
+        p = probs[layer].detach()
+        bank = [(int(labels[r]), [sum(float(p[t, e]) for t in toks) / len(toks) for e in range(E)])
+                for r, toks in sorted(recs.items()) if labels[r] >= 0]
+        bank += [(int(qlab[i]), queue[i].view(L, E)[layer].tolist()) for i in range(3)]
+        classes = sorted({c for c, _ in bank})
+        share = [sum(1 for c2, _ in bank if c2 == c) / len(bank) for c in classes]
+        p_given = [[sum(v[e] for c2, v in bank if c2 == c) / sum(1 for c2, _ in bank if c2 == c)
+                    for e in range(E)] for c in classes]
+        expect += _mi_bits_reference(p_given, share) / L
+    assert loss.item() == pytest.approx(1 - expect / math.log(E), rel=1e-5)
+    torch.testing.assert_close(protos[:3].view(3, L, E)[:, 0], torch.stack(
+        [probs[0][torch.tensor(recs[r])].mean(0) for r in range(3)]).detach())
+    loss.backward()
+    assert all(z.grad[:6].abs().sum(-1).gt(0).all() for z in logits)  # labelled tokens
+    assert all(z.grad[6:].abs().sum() == 0 for z in logits)  # unlabelled record, padding
+
+
+def test_label_mi_loss_is_zero_for_a_perfect_map_and_one_for_label_blind_routing():
+    E = 2
+    record_ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    labels = torch.tensor([0, 1, 0, 1])
+    perfect = torch.eye(E)[labels[record_ids]]  # every token of label c on expert c
+    loss, _, _ = losses.label_routing_mi_loss([perfect], record_ids, labels,
+                                              torch.zeros(0, E), torch.zeros(0, dtype=torch.long))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)  # I = H(label) = log 2 = log E
+    blind = torch.tensor([[0.7, 0.3]]).repeat(8, 1)  # the same routing whatever the label
+    loss, _, _ = losses.label_routing_mi_loss([blind], record_ids, labels,
+                                              torch.zeros(0, E), torch.zeros(0, dtype=torch.long))
+    assert loss.item() == pytest.approx(1.0, abs=1e-6)

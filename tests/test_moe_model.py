@@ -70,7 +70,7 @@ def test_fresh_moe_model_equals_base_model(tiny_model_dir):
     assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("contrastive", ["label", "expert", "none"])
+@pytest.mark.parametrize("contrastive", ["label", "label_mi", "expert", "none"])
 def test_step_changes_only_experts_and_routers(tiny_model_dir, toy_data, contrastive):
     cfg = moe_config(tiny_model_dir, toy_data, contrastive=contrastive, top_k=1)
     method, model = built(cfg, tiny_model_dir)
@@ -113,6 +113,24 @@ def test_label_queue_fills_with_labelled_records(tiny_model_dir, toy_data):
     assert queues_in_sync(model)  # single process: trivially, but the collective runs
 
 
+def test_label_mi_queue_holds_each_records_mean_routing_probabilities(tiny_model_dir, toy_data):
+    cfg = moe_config(tiny_model_dir, toy_data, contrastive="label_mi", queue_size=6)
+    method, model = built(cfg, tiny_model_dir)
+    batch = a_batch(cfg, tiny_model_dir, n=4)
+    L = len(routing_layers(model))
+    with record_routing() as record:
+        model(**model_inputs(batch))
+    method.router_losses(record, batch)
+    method.after_optimizer_step(model, 1)
+    vecs, labels = label_queue(model).get(0)
+    assert labels.tolist() == batch["record_label_ids"].tolist()
+    # record 0's block for the first router: the mean of its tokens' probabilities
+    first = record.routing[method.router_names[0]].probs.detach().reshape(-1, 4)
+    own = (batch["record_ids"].reshape(-1) == 0)
+    torch.testing.assert_close(vecs[0, :4], first[own].mean(0))
+    torch.testing.assert_close(vecs.view(-1, L, 4).sum(-1), torch.ones(len(vecs), L))
+
+
 def _router_grads(method, model, batch):
     """Router weight gradients of the contrastive term alone."""
     model.zero_grad()
@@ -126,7 +144,7 @@ def _router_grads(method, model, batch):
 
 
 @pytest.mark.parametrize("mode", ["linear", "ffn"])
-@pytest.mark.parametrize("contrastive", ["label", "expert", "none"])
+@pytest.mark.parametrize("contrastive", ["label", "label_mi", "expert", "none"])
 def test_each_contrast_alone_reaches_the_router(tiny_model_dir, toy_data, contrastive, mode):
     cfg = moe_config(tiny_model_dir, toy_data, contrastive=contrastive, mode=mode)
     method, model = built(cfg, tiny_model_dir)
@@ -141,9 +159,11 @@ def test_each_contrast_alone_reaches_the_router(tiny_model_dir, toy_data, contra
         assert all(g is not None and g.abs().sum() > 0 for g in grads), contrastive
 
 
-def test_packed_and_unpacked_records_give_the_same_label_contrast(tiny_model_dir, toy_data):
+@pytest.mark.parametrize("contrastive", ["label", "label_mi"])
+def test_packed_and_unpacked_records_give_the_same_label_contrast(tiny_model_dir, toy_data,
+                                                                  contrastive):
     """Each record in a packed row keeps its own label and its own tokens' routing."""
-    cfg = moe_config(tiny_model_dir, toy_data, contrastive="label")
+    cfg = moe_config(tiny_model_dir, toy_data, contrastive=contrastive)
     method, model = built(cfg, tiny_model_dir)
     model.eval()  # no dropout: both batches see identical hidden states
     tok = load_tokenizer(str(tiny_model_dir))

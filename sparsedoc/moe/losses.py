@@ -6,6 +6,8 @@ padding; padded tokens never count.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -218,3 +220,52 @@ def label_contrastive_loss(token_repr: torch.Tensor, record_ids: torch.Tensor,
     exclude[torch.arange(len(tok), device=protos.device), own] = True
     loss, n = supcon_loss(anchors, record_labels[own], bank, bank_labels, temperature, exclude)
     return loss, protos, n
+
+
+def label_routing_mi_loss(probs: list[torch.Tensor], record_ids: torch.Tensor,
+                          record_labels: torch.Tensor, queue_vecs: torch.Tensor,
+                          queue_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Label-supervised routing by its information: ``1 - I(label; expert) / log E``, per layer.
+
+    ``I = H(E) - sum_l pi_l H(E | l)`` of the soft routing, from record prototypes (a
+    record's mean routing probabilities over its own tokens): the batch's labelled records,
+    with gradient, and the memory queue's past records, detached, so the label-conditional
+    distributions are estimated over many steps, not over the few records of one batch.
+    Raising ``I`` concentrates each label's tokens on its own experts (a mean of probabilities
+    is peaked only when its tokens are) and spreads labels over different ones, which is what
+    the held-out top-1 metric measures; the InfoNCE label contrast only aligns logit
+    directions and did not move top-1 (docs/method.md). The ablation's routing ceiling
+    maximises the same quantity for a router fitted on frozen features.
+
+    Args:
+        probs: L tensors (T, E) of router probabilities, with gradient.
+        record_ids: (T,) or (B, S), -1 = padding. record_labels: (R,), -1 = unlabelled.
+        queue_vecs: (m, L*E) past prototypes. queue_labels: (m,).
+    Returns the loss (mean over layers, 0 when routing is a perfect function of the label
+    and E = number of labels), the batch's (R, L*E) prototypes (detached, for the queue) and
+    the number of labelled records in the batch.
+    """
+    L, E = len(probs), probs[0].shape[-1]
+    flat = torch.cat([p.float() for p in probs], dim=-1)  # (T, L*E)
+    R = record_labels.shape[0]
+    ids = record_ids.reshape(-1).to(flat.device)
+    record_labels = record_labels.to(flat.device)
+    protos = record_means(flat, ids, R)
+    has_tokens = torch.bincount(ids[ids >= 0], minlength=R) > 0
+    keep = (record_labels >= 0) & has_tokens
+    bank = torch.cat([protos[keep], queue_vecs.float().to(flat.device)])
+    labels = torch.cat([record_labels[keep], queue_labels.to(flat.device)])
+    n = int(keep.sum())
+    if n == 0:
+        return flat.sum() * 0.0, protos.detach(), 0
+    onehot = F.one_hot(labels, int(labels.max()) + 1).float()  # (N, C)
+    count = onehot.sum(0)
+    share = count / count.sum()  # pi_l
+    given = ((onehot.t() @ bank) / count.clamp_min(1).unsqueeze(-1)).view(-1, L, E)  # (C, L, E)
+    marginal = torch.einsum("c,cle->le", share, given)
+
+    def entropy(p: torch.Tensor) -> torch.Tensor:
+        return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+    mi = entropy(marginal) - torch.einsum("c,cl->l", share, entropy(given))  # (L,)
+    return 1.0 - mi.mean() / math.log(E), protos.detach(), n

@@ -30,6 +30,8 @@ from sparsedoc.train.method import Method, model_inputs, real_tokens
 log = logging.getLogger("sparsedoc")
 
 LABEL_QUEUE_NAME = "moe_label_queue"
+# the objectives that keep past records' routing prototypes in the label queue
+LABEL_OBJECTIVES = ("label", "label_mi")
 
 
 def label_queue(model: nn.Module) -> MemoryQueue | None:
@@ -85,7 +87,7 @@ class MoEMethod(Method):
         self.router_names = [n for n, _ in routers]
         self.routers = [layer.router for _, layer in routers]
         self.layer_names = [n for n, _ in moe_layers(model)]
-        if self.cfg.contrastive == "label":
+        if self.cfg.contrastive in LABEL_OBJECTIVES:
             dim = len(routers) * self.cfg.num_experts
             # Registered on the model so DeepSpeed checkpoints carry it with the weights.
             self.label_queue = MemoryQueue(1, self.cfg.queue_size, dim)
@@ -188,6 +190,12 @@ class MoEMethod(Method):
             out["contrastive"], protos, out["anchors"] = losses.label_contrastive_loss(
                 tokens, batch["record_ids"], labels, q_vecs, q_labels, cfg.temperature)
             self.pending.append((protos.float(), labels))
+        elif cfg.contrastive == "label_mi":
+            labels = batch["record_label_ids"]
+            q_vecs, q_labels = self.label_queue.get(0)
+            out["contrastive"], protos, out["anchors"] = losses.label_routing_mi_loss(
+                [r.probs for r in routings], batch["record_ids"], labels, q_vecs, q_labels)
+            self.pending.append((protos.float(), labels.to(protos.device)))
         elif cfg.contrastive == "expert":
             terms, sims, n_total = [], [], 0
             for name in self.layer_names:

@@ -45,6 +45,8 @@ ARMS = {
                  "adapter.moe.temperature=0.05"],
     "label-w1-router30": ["adapter.moe.contrastive=label", "adapter.moe.contrastive_weight=1.0",
                           "adapter.moe.temperature=0.05", "adapter.moe.router_lr_scale=30"],
+    # the routing's information about the label itself, the quantity the ceiling maximises
+    "label-mi": ["adapter.moe.contrastive=label_mi"],
 }
 DEFAULT_ARMS = "none,label,expert"
 FFN_ARM = ["adapter.moe.mode=ffn", "adapter.moe.contrastive=label"]
