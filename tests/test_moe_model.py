@@ -124,8 +124,9 @@ def test_label_mi_queue_holds_each_records_mean_routing_probabilities(tiny_model
     method.after_optimizer_step(model, 1)
     vecs, labels = label_queue(model).get(0)
     assert labels.tolist() == batch["record_label_ids"].tolist()
-    # record 0's block for the first router: the mean of its tokens' probabilities
-    first = record.routing[method.router_names[0]].probs.detach().reshape(-1, 4)
+    # record 0's block for the first router: the mean of its tokens' sharpened probabilities
+    logits = record.routing[method.router_names[0]].logits.detach().float()
+    first = (logits / cfg.adapter.moe.temperature).softmax(-1).reshape(-1, 4)
     own = (batch["record_ids"].reshape(-1) == 0)
     torch.testing.assert_close(vecs[0, :4], first[own].mean(0))
     torch.testing.assert_close(vecs.view(-1, L, 4).sum(-1), torch.ones(len(vecs), L))

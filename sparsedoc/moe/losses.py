@@ -238,7 +238,9 @@ def label_routing_mi_loss(probs: list[torch.Tensor], record_ids: torch.Tensor,
     maximises the same quantity for a router fitted on frozen features.
 
     Args:
-        probs: L tensors (T, E) of router probabilities, with gradient.
+        probs: L tensors (T, E) of routing probabilities, with gradient; the method passes
+            ``softmax(logits / temperature)``: near-uniform routing is a saddle of ``I`` (no
+            gradient), and as the temperature falls ``I`` tends to the top-1's information.
         record_ids: (T,) or (B, S), -1 = padding. record_labels: (R,), -1 = unlabelled.
         queue_vecs: (m, L*E) past prototypes. queue_labels: (m,).
     Returns the loss (mean over layers, 0 when routing is a perfect function of the label

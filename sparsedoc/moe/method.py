@@ -193,8 +193,11 @@ class MoEMethod(Method):
         elif cfg.contrastive == "label_mi":
             labels = batch["record_label_ids"]
             q_vecs, q_labels = self.label_queue.get(0)
+            # sharpened by the temperature: at near-uniform routing the information has no
+            # gradient (a saddle), and as temperature -> 0 it becomes the top-1's information
+            sharp = [(r.logits.float() / cfg.temperature).softmax(-1) for r in routings]
             out["contrastive"], protos, out["anchors"] = losses.label_routing_mi_loss(
-                [r.probs for r in routings], batch["record_ids"], labels, q_vecs, q_labels)
+                sharp, batch["record_ids"], labels, q_vecs, q_labels)
             self.pending.append((protos.float(), labels.to(protos.device)))
         elif cfg.contrastive == "expert":
             terms, sims, n_total = [], [], 0
