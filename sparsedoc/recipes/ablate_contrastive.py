@@ -34,6 +34,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from sparsedoc import fsio
+from sparsedoc.artifacts import RUN_SUMMARY, run_finished
 from sparsedoc.resources import recipe_config_path
 
 ARMS = {
@@ -47,6 +48,9 @@ ARMS = {
                           "adapter.moe.temperature=0.05", "adapter.moe.router_lr_scale=30"],
     # the routing's information about the label itself, the quantity the ceiling maximises
     "label-mi": ["adapter.moe.contrastive=label_mi"],
+    "label-mi-w1-router30": ["adapter.moe.contrastive=label_mi",
+                             "adapter.moe.contrastive_weight=1.0",
+                             "adapter.moe.router_lr_scale=30"],
 }
 DEFAULT_ARMS = "none,label,expert"
 FFN_ARM = ["adapter.moe.mode=ffn", "adapter.moe.contrastive=label"]
@@ -143,7 +147,7 @@ def score_run(run_dir: Path) -> dict:
 
     run = locate(run_dir)
     cfg = run.config()
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / RUN_SUMMARY).read_text())
     model, tok, _ = load_model_and_tokenizer(cfg.model, torch.float32)
     load_moe_adapter(model, run.adapter_dir)
     data, batches = _held_out(cfg, tok)
@@ -430,10 +434,10 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[int, dict]] = defaultdict(dict)
     for arm, seed, arm_overrides in runs:
         run_dir = out / f"{arm}-seed{seed}"
-        if args.report_only and not (run_dir / "summary.json").is_file():
+        if args.report_only and not run_finished(run_dir):
             print(f"== {arm} seed {seed}: not run", flush=True)
             continue
-        if not (run_dir / "summary.json").is_file():  # resumable: finished runs are kept
+        if not run_finished(run_dir):  # resumable: finished runs are kept
             cmd = [sys.executable, "-m", "sparsedoc.recipes.train_moe", "--config", args.config,
                    f"train.output_dir={run_dir}", f"train.seed={seed}", *COMMON, *data,
                    *arm_overrides, *args.overrides]
