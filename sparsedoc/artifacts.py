@@ -1,7 +1,7 @@
 """What a path is: a training run, a checkpoint, an adapter, or a model folder / hub id.
 
 The one place that recognises sparsedoc's folders and parses their metadata files. Loading
-(``sparsedoc.eval.load``), export, lineage and the model cards ask ``locate`` instead of
+(``sparsedoc.loader``), export, generation, lineage and the model cards ask ``locate`` instead of
 checking files themselves. Imports no torch, so a CLI can answer "what is this" at once.
 
 Layouts::
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -27,6 +27,9 @@ MOE_FORMAT = "sparsedoc-lora-moe"
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "config.yaml"
+RUN_SUMMARY = "summary.json"  # written last by training: its presence means the run finished
+EVAL_DIR = "eval"  # evaluation results inside a run folder
+EMBEDDED_NAMES = ("embedded", "smollm2", "smollm2-135m")  # the bundled default model
 
 Kind = Literal["run", "checkpoint", "adapter", "hf"]  # hf: a model folder or a hub id
 
@@ -44,6 +47,10 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in root.iterdir()
              if (m := STEP_RE.match(p.name)) and (p / TRAINER_STATE).is_file()]
     return [p for _, p in sorted(found)]
+
+
+def run_finished(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / RUN_SUMMARY).is_file()
 
 
 def is_run(path: Path) -> bool:
@@ -137,13 +144,46 @@ class Artifact:
         return Path(self.path).name
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """What ``sparsedoc.loader.load_trained`` loaded: the identity evaluation results, caches,
+    exports and generation logs carry. Fields that do not apply (a checkpoint's step for a plain
+    model) are None."""
+
+    kind: Kind
+    method: Literal["lora", "prompt", "lora_moe", "full", "base"]
+    path: str
+    base_model: str
+    fingerprint: str  # cheap identity of the weight files (path, size, mtime)
+    name: str  # short display name: <run>@<step> inside a run, else the folder's name
+    device: str
+    dtype: str
+    checkpoint: str | None = None
+    step: int | None = None
+    seed: int | None = None
+    run_dir: str | None = None
+    adapter_dir: str | None = None
+
+    def record(self) -> dict:
+        """Plain dict for JSON results and logger configs."""
+        return asdict(self)
+
+
 def locate(path: str | Path) -> Artifact:
     """Recognise ``path``. A run resolves to its latest complete checkpoint; an adapter inside
     a checkpoint knows its checkpoint and run. A path that does not exist is taken as a hub id
-    (or ``embedded``) and left to the model loader."""
+    (or ``embedded``) and left to the model loader, unless it can only be meant as a local
+    path (absolute, ``./``, ``~``, more parts than ``org/name``, or under an existing folder):
+    that gets a clear error here instead of a failed hub lookup."""
     p = Path(path)
     if not p.exists():
-        return Artifact("hf", str(path))
+        text = str(path)
+        local = (p.is_absolute() or text.startswith((".", "~")) or len(p.parts) > 2
+                 or (len(p.parts) == 2 and p.parent.is_dir()))
+        if local and text.lower() not in EMBEDDED_NAMES:
+            raise ArtifactError(f"{path}: no such folder (expected a training run, checkpoint, "
+                                f"adapter or HF model folder, a hub id, or 'embedded')")
+        return Artifact("hf", text)
     p = p.resolve()
     if not p.is_dir():
         raise ArtifactError(f"{p}: a file; expected a run, checkpoint, adapter or model folder")

@@ -75,3 +75,13 @@ def test_what_is_not_an_artifact_is_refused_by_name(tmp_path):
     (bad / "adapter_config.json").write_text("[1, 2")
     with pytest.raises(ArtifactError, match=r"bad/adapter_config.json: not valid JSON"):
         read_adapter_meta(bad)
+
+
+def test_a_missing_local_path_is_refused_but_hub_ids_and_embedded_pass(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for missing in [str(tmp_path / "nope"), "./nope", "~/nope-sparsedoc", "a/b/nope", "runs/nope"]:
+        with pytest.raises(ArtifactError, match=r"nope.*: no such folder \(expected a training run"):
+            locate(missing)
+    assert locate("org/name").kind == "hf"  # no folder "org" here: a hub id
+    assert locate("embedded").path == "embedded"
