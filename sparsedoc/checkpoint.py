@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from sparsedoc import fsio
-from sparsedoc.artifacts import is_checkpoint, list_checkpoints  # noqa: F401 (re-exported)
+from sparsedoc.artifacts import TRAINER_STATE, is_checkpoint, list_checkpoints  # noqa: F401 (re-exported)
 from sparsedoc.train.distributed import barrier, is_main
 
 
@@ -88,7 +88,7 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
     barrier()
     if is_main():
         write_extras(tmp)
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -108,7 +108,7 @@ def _rotate(output_dir: str | Path, keep_last: int) -> None:
 
 def load_checkpoint(engine, ckpt_dir: Path, rank: int, exclude_frozen: bool) -> dict:
     """Restore engine, optimizer, scheduler and RNG; return the trainer state."""
-    state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    state = json.loads((ckpt_dir / TRAINER_STATE).read_text())
     # The folder was renamed after saving: point DeepSpeed at the new name, not the temp tag.
     load_path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
                                           load_module_strict=not exclude_frozen)

@@ -1,6 +1,6 @@
 """``sparsedoc generate`` and ``sparsedoc chat``: talk to any model sparsedoc can load.
 
-MODEL is whatever ``sparsedoc.eval.load.load_for_eval`` accepts (a training run, checkpoint,
+MODEL is whatever ``sparsedoc.loader.load_trained`` accepts (a training run, checkpoint,
 adapter or HF folder, a hub id, ``embedded``), so a run is tried the way it will be scored.
 Prompts go through the tokenizer's own chat template, as in training and evaluation
 (``sparsedoc.eval.prompts``), so a fine-tuned model sees the framing it learned; a tokenizer
@@ -129,23 +129,14 @@ def _streamer(tokenizer):
 
 
 def load_model(path: str, dtype: str, device: str):
-    """``load_for_eval`` after the checks that give a clear message instead of a hub lookup:
-    a path that names a local file or folder (absolute, ``./``, ``~``, more than ``org/name``,
-    or under an existing folder) must exist, and ``cuda`` must be there."""
-    from sparsedoc.eval.load import load_for_eval
-    from sparsedoc.models.load import EMBEDDED_NAMES
+    """``sparsedoc.loader.load_trained``, after checking that ``cuda`` is there."""
+    from sparsedoc.loader import load_trained
 
-    p = Path(path)
-    local = (p.is_absolute() or path.startswith((".", "~")) or len(p.parts) > 2
-             or (len(p.parts) == 2 and p.parent.is_dir()))
-    if local and not p.exists() and path.lower() not in EMBEDDED_NAMES:
-        raise FileNotFoundError(f"{path}: no such folder (expected a training run, checkpoint, "
-                                f"adapter or HF model folder, a hub id, or 'embedded')")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but no CUDA device is visible")
-    model, tokenizer, info = load_for_eval(path, dtype, device)
-    print(f"loaded {info['name']} ({info['kind']}, {info['method']}) on {info['device']}, "
-          f"{info['dtype']}", file=sys.stderr)
+    model, tokenizer, loaded = load_trained(path, dtype, device)
+    print(f"loaded {loaded.name} ({loaded.kind}, {loaded.method}) on {loaded.device}, "
+          f"{loaded.dtype}", file=sys.stderr)
     return model, tokenizer
 
 

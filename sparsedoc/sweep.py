@@ -24,6 +24,7 @@ from pathlib import Path
 
 from sparsedoc import fsio
 from sparsedoc import recipes
+from sparsedoc.artifacts import run_finished
 
 # run-folder and --param alias names; recipes.method_name maps "moe" to lora_moe
 METHODS = ("moe", "lora", "full", "prompt")
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print("\n".join(shlex.join(c) for c in cmds))
             continue
-        if (Path(run.run_dir) / "summary.json").is_file():
+        if run_finished(run.run_dir):
             print(f"[sweep] {run.run_dir}: trained already, skipped")
             cmds = cmds[1:]
         for cmd in cmds:

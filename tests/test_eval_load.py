@@ -1,4 +1,4 @@
-"""``load_for_eval`` on real run folders of every method, checked against the training loop's
+"""``sparsedoc.loader.load_trained`` on real run folders of every method, checked against the training loop's
 own held-out loss; evaluation of a LoRA-MoE run with its routing analysis; the report over the
 four methods."""
 
@@ -16,7 +16,7 @@ import torch
 from sparsedoc.config import EvalCfg, load_config
 from sparsedoc.data.dataset import eval_batches, make_collator, prepare_data
 from sparsedoc.data.schema import read_jsonl, write_jsonl
-from sparsedoc.eval.load import load_for_eval
+from sparsedoc.loader import load_trained
 from sparsedoc.train.method import model_inputs
 from sparsedoc.train.distributed import free_port
 
@@ -68,22 +68,22 @@ def held_out_loss(model, tokenizer, run: Path) -> float:
 def test_loaded_run_reproduces_the_trained_models_held_out_loss(runs, method):
     run = runs[method]
     summary = json.loads((run / "summary.json").read_text())
-    model, tok, info = load_for_eval(str(run), dtype="fp32", device="cpu")
-    assert info["kind"] == "run" and info["method"] == method and info["step"] == 3
-    assert info["checkpoint"].endswith("step-000003")
+    model, tok, info = load_trained(str(run), dtype="fp32", device="cpu")
+    assert info.kind == "run" and info.method == method and info.step == 3
+    assert info.checkpoint.endswith("step-000003")
     loss = held_out_loss(model, tok, run)
     assert loss == pytest.approx(summary["eval_loss_final"], abs=1e-4)
     assert abs(summary["eval_loss_final"] - summary["eval_loss_start"]) > 1e-2  # it trained
     # the checkpoint folder itself loads the same weights
-    model2, _, info2 = load_for_eval(info["checkpoint"], dtype="fp32", device="cpu")
-    assert info2["kind"] == "checkpoint"
+    model2, _, info2 = load_trained(info.checkpoint, dtype="fp32", device="cpu")
+    assert info2.kind == "checkpoint"
     assert held_out_loss(model2, tok, run) == pytest.approx(loss, abs=1e-6)
 
 
 def test_adapter_folder_loads_on_the_base_it_names(runs):
     adapter = runs["lora"] / "checkpoints" / "step-000003" / "adapter"
-    model, tok, info = load_for_eval(str(adapter), dtype="fp32", device="cpu")
-    assert (info["kind"], info["method"]) == ("adapter", "lora")
+    model, tok, info = load_trained(str(adapter), dtype="fp32", device="cpu")
+    assert (info.kind, info.method) == ("adapter", "lora")
     summary = json.loads((runs["lora"] / "summary.json").read_text())
     assert held_out_loss(model, tok, runs["lora"]) == \
         pytest.approx(summary["eval_loss_final"], abs=1e-4)
@@ -157,9 +157,9 @@ def test_report_over_the_four_methods(runs, toy_data, tmp_path):
 
 def test_prompt_tuning_loglik_reads_past_the_virtual_tokens(runs):
     from sparsedoc.eval import mcq
-    from sparsedoc.eval.load import prompt_virtual_tokens
+    from sparsedoc.loader import prompt_virtual_tokens
 
-    model, tok, _ = load_for_eval(str(runs["prompt"]), dtype="fp32", device="cpu")
+    model, tok, _ = load_trained(str(runs["prompt"]), dtype="fp32", device="cpu")
     virtual = prompt_virtual_tokens(model)
     assert virtual == load_config(runs["prompt"] / "config.yaml").adapter.prompt.num_virtual_tokens
     prompt = tok("Which organ does cardiology study? Answer:")["input_ids"]
@@ -176,7 +176,7 @@ def test_prompt_tuning_loglik_reads_past_the_virtual_tokens(runs):
 def test_batched_generation_equals_one_by_one_for_every_method(runs, method):
     from sparsedoc.eval.generation import generate, generation_config
 
-    model, tok, _ = load_for_eval(str(runs[method]), dtype="fp32", device="cpu")
+    model, tok, _ = load_trained(str(runs[method]), dtype="fp32", device="cpu")
     prompts = [tok(t)["input_ids"] for t in ("Hi", "What does neurology study? Tell me more.",
                                              "心脏？")]
     gc = generation_config(model, tok, max_new_tokens=5)

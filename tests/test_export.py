@@ -411,12 +411,12 @@ def test_cli_export_prints_the_verification(tiny_model_dir, toy_data, tmp_path, 
 
 
 def test_evaluate_and_generate_load_a_routed_export(tiny_model_dir, tmp_path):
-    from sparsedoc.eval.load import load_for_eval
+    from sparsedoc.loader import load_trained
 
     trained, adapter = _moe_adapter(tmp_path, tiny_model_dir, MoECfg(num_experts=2, top_k=2, r=2))
     _export(adapter, tmp_path / "out")
-    model, _, info = load_for_eval(str(tmp_path / "out"), dtype="fp32", device="cpu")
-    assert info["method"] == "lora_moe" and type(model).__name__ == "SparsedocMoEForCausalLM"
+    model, _, info = load_trained(str(tmp_path / "out"), dtype="fp32", device="cpu")
+    assert info.method == "lora_moe" and type(model).__name__ == "SparsedocMoEForCausalLM"
     for a, b in zip(_logits(trained), _logits(model)):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 

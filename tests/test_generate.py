@@ -10,7 +10,7 @@ import torch
 
 from sparsedoc import cli
 from sparsedoc import generate as gen
-from sparsedoc.eval.load import load_for_eval
+from sparsedoc.loader import load_trained
 
 MSGS = [{"role": "user", "content": "What does a cardiologist treat?"}]
 
@@ -33,7 +33,7 @@ def model_dir(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(model_dir):
-    model, tokenizer, _ = load_for_eval(str(model_dir), "fp32", "cpu")
+    model, tokenizer, _ = load_trained(str(model_dir), "fp32", "cpu")
     return model, tokenizer
 
 

@@ -88,7 +88,7 @@ def test_ffn_expert_moe_trains_under_zero3_and_exports_as_mixtral(tiny_model_dir
     import torch
     from test_export import _logits, _stock_logits
 
-    from sparsedoc.eval.load import load_for_eval
+    from sparsedoc.loader import load_trained
     from sparsedoc.export import export
 
     rows = launch_moe(tiny_model_dir, toy_data, tmp_path / "run", "zero3.json",
@@ -102,7 +102,7 @@ def test_ffn_expert_moe_trains_under_zero3_and_exports_as_mixtral(tiny_model_dir
         assert r["moe/queue_ranks_in_sync"] == 1.0
     meta = export(tmp_path / "run", tmp_path / "mixtral")
     assert meta["mode"] == "mixtral" and meta["step"] == 4 and meta["verification"]["passed"]
-    trained, _, _ = load_for_eval(str(tmp_path / "run"), dtype="fp32", device="cpu")
+    trained, _, _ = load_trained(str(tmp_path / "run"), dtype="fp32", device="cpu")
     got = _stock_logits(tmp_path / "mixtral", expect_class="MixtralForCausalLM")
     for a, b in zip(_logits(trained), got):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

@@ -95,7 +95,7 @@ def generate(model, tokenizer, prompts: list[list[int]], gen_config) -> list[dic
     that make left padding invisible, so in a padded batch its outputs would depend on the
     other prompts' lengths.
     """
-    from sparsedoc.eval.load import prompt_virtual_tokens
+    from sparsedoc.loader import prompt_virtual_tokens
 
     if len(prompts) > 1 and prompt_virtual_tokens(model):
         return [r for p in prompts for r in generate(model, tokenizer, [p], gen_config)]

@@ -273,7 +273,7 @@ def score_mcq(model, tokenizer, items: list[MCQItem], scorer: str, cfg, pool: li
     (prompts truncated, predictions reused from ``cache``)."""
     from sparsedoc.eval.cache import run_batched
     from sparsedoc.eval.generation import generate, generation_config
-    from sparsedoc.eval.load import prompt_virtual_tokens
+    from sparsedoc.loader import prompt_virtual_tokens
     from sparsedoc.eval.prompts import prompt_budget, truncate_left
 
     chat = cfg.prompt_format == "chat"

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from sparsedoc import fsio
+from sparsedoc.artifacts import EVAL_DIR, RUN_CONFIG, RUN_SUMMARY, run_finished
 from sparsedoc.eval.stats import mean_std
 
 METRIC_ORDER = ("acc_loglik", "acc_generate", "rouge1", "rouge2", "rougeL", "rougeLsum",
@@ -69,7 +70,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def _eval_files(run: Path) -> list[Path]:
-    folder = run / "eval" if (run / "eval").is_dir() else run
+    folder = run / EVAL_DIR if (run / EVAL_DIR).is_dir() else run
     out = []
     for p in sorted(folder.glob("*.json")):
         try:
@@ -95,11 +96,11 @@ def group_label(config: dict, keys: list[str], fallback: str) -> str:
 def read_run(path: str | Path, group_by: list[str]) -> RunRecord:
     """One run folder (or a folder of task JSONs) as a ``RunRecord``."""
     path = Path(path)
-    cfg_path = path / "config.yaml"
+    cfg_path = path / RUN_CONFIG
     config = _flatten(yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
     summary = {}
-    if (path / "summary.json").is_file():
-        summary = json.loads((path / "summary.json").read_text())
+    if run_finished(path):
+        summary = json.loads((path / RUN_SUMMARY).read_text())
     metrics = {}
     for f in _eval_files(path):
         data = json.loads(f.read_text(encoding="utf-8"))

@@ -1,7 +1,7 @@
 """``evaluate(cfg)``: load one model, score every task, write ``<eval dir>/<task>.json``, log.
 
 Each task file holds the data identity (path, split, sha256, items available and scored), the
-model identity (``load_for_eval``'s info), the settings, a ``summary`` per scorer, the flat
+model identity (``sparsedoc.artifacts.Loaded``), the settings, a ``summary`` per scorer, the flat
 ``metrics`` the comparison report reads, the time taken, and every item's prediction. Metrics
 (numbers only, never record text) also go to ``<eval dir>/metrics.jsonl`` and W&B.
 """
@@ -15,10 +15,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sparsedoc import fsio
+from sparsedoc.artifacts import EVAL_DIR, RUN_CONFIG, Loaded
 from sparsedoc.config import EvalCfg
 from sparsedoc.eval.cache import PredictionCache, cache_key
-from sparsedoc.eval.load import load_for_eval
 from sparsedoc.eval.tasks import Task, expand_tasks, item_label, load_task
+from sparsedoc.loader import load_trained
 from sparsedoc.resources import resolve_path
 
 log = logging.getLogger("sparsedoc")
@@ -27,14 +28,14 @@ log = logging.getLogger("sparsedoc")
 _PROMPT_KEYS = ("prompt_format", "system_prompt", "num_fewshot", "max_prompt_tokens", "dtype")
 
 
-def output_dir(cfg: EvalCfg, info: dict) -> Path:
+def output_dir(cfg: EvalCfg, loaded: Loaded) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir)
-    if info["kind"] == "run":
-        return Path(info["run_dir"]) / "eval"
-    if info["kind"] == "checkpoint":
-        return Path(info["run_dir"]) / "eval" / Path(info["checkpoint"]).name
-    return Path("runs") / "eval" / info["name"]
+    if loaded.kind == "run":
+        return Path(loaded.run_dir) / EVAL_DIR
+    if loaded.kind == "checkpoint":
+        return Path(loaded.run_dir) / EVAL_DIR / Path(loaded.checkpoint).name
+    return Path("runs") / EVAL_DIR / loaded.name
 
 
 def _settings(cfg: EvalCfg, scorer: str) -> dict:
@@ -45,15 +46,15 @@ def _settings(cfg: EvalCfg, scorer: str) -> dict:
     return s
 
 
-def _cache(cfg: EvalCfg, out: Path, task: Task, scorer: str, info: dict) -> PredictionCache:
+def _cache(cfg: EvalCfg, out: Path, task: Task, scorer: str, loaded: Loaded) -> PredictionCache:
     if not cfg.resume:
         return PredictionCache(None)
-    key = cache_key(model=info["fingerprint"], model_path=info["path"], data=task.sha256,
+    key = cache_key(model=loaded.fingerprint, model_path=loaded.path, data=task.sha256,
                     fewshot=str(task.fewshot_path), scorer=scorer, **_settings(cfg, scorer))
     return PredictionCache(out / ".cache" / f"{task.name}.{scorer}.{key}.jsonl")
 
 
-def run_task(model, tokenizer, info: dict, task: Task, cfg: EvalCfg, out: Path) -> dict:
+def run_task(model, tokenizer, loaded: Loaded, task: Task, cfg: EvalCfg, out: Path) -> dict:
     """Score one task; returns the JSON-able result (also written to ``out/<task>.json``)."""
     from sparsedoc.eval import generation, mcq
 
@@ -63,7 +64,7 @@ def run_task(model, tokenizer, info: dict, task: Task, cfg: EvalCfg, out: Path) 
                        "n_available": task.n_available, "n_scored": len(task.items),
                        "limit": cfg.limit, "seed": cfg.seed,
                        "fewshot_path": str(task.fewshot_path) if task.fewshot_path else None},
-              "model": info, "summary": {}, "metrics": {}, "timing": {}, "notes": []}
+              "model": loaded.record(), "summary": {}, "metrics": {}, "timing": {}, "notes": []}
     items_out = [{"id": it.id, "label": item_label(it)} for it in task.items]
     if task.kind == "mcq":
         scorers = ["loglik", "generate"] if cfg.mcq_scorer == "both" else [cfg.mcq_scorer]
@@ -72,7 +73,7 @@ def run_task(model, tokenizer, info: dict, task: Task, cfg: EvalCfg, out: Path) 
         for scorer in scorers:
             ts = time.perf_counter()
             preds, stats = mcq.score_mcq(model, tokenizer, task.items, scorer, cfg, task.fewshot,
-                                         _cache(cfg, out, task, scorer, info), progress=True)
+                                         _cache(cfg, out, task, scorer, loaded), progress=True)
             summary = mcq.summarize(task.items, preds, scorer)
             summary.update(stats, settings=_settings(cfg, scorer))
             result["summary"][scorer] = summary
@@ -92,7 +93,7 @@ def run_task(model, tokenizer, info: dict, task: Task, cfg: EvalCfg, out: Path) 
                                    "tasks are zero-shot")
         ts = time.perf_counter()
         preds, stats = generation.score_generation(
-            model, tokenizer, task.items, cfg, _cache(cfg, out, task, "text", info),
+            model, tokenizer, task.items, cfg, _cache(cfg, out, task, "text", loaded),
             progress=True)
         summary = generation.summarize(task.items, preds, cfg.bootstrap_samples, cfg.seed)
         summary.update(truncated_prompts=stats["truncated_prompts"], cached=stats["cached"],
@@ -123,7 +124,7 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _routing(model, tokenizer, info: dict, task_records: dict[str, list[dict]], cfg: EvalCfg,
+def _routing(model, tokenizer, loaded: Loaded, task_records: dict[str, list[dict]], cfg: EvalCfg,
              out: Path, logger, step: int) -> dict:
     """Routing analysis of a LoRA-MoE model on each labelled task and on its routing files."""
     from sparsedoc.config import load_config
@@ -133,8 +134,8 @@ def _routing(model, tokenizer, info: dict, task_records: dict[str, list[dict]], 
     sets = dict(task_records)
     files = list(cfg.routing_files)
     max_len = 512
-    if info["kind"] in ("run", "checkpoint"):
-        run_cfg = load_config(Path(info["checkpoint"]) / "config.yaml")
+    if loaded.kind in ("run", "checkpoint"):
+        run_cfg = load_config(Path(loaded.checkpoint) / RUN_CONFIG)
         max_len = max(run_cfg.data.max_seq_len, 512)  # routing needs no target token
         if not files:
             files = run_cfg.data.eval_files
@@ -173,14 +174,14 @@ def _routing(model, tokenizer, info: dict, task_records: dict[str, list[dict]], 
     return found
 
 
-def _make_logger(cfg: EvalCfg, out: Path, info: dict):
+def _make_logger(cfg: EvalCfg, out: Path, loaded: Loaded):
     from sparsedoc.config import replace
     from sparsedoc.logging import JsonlLogger, MultiLogger, WandbLogger
 
     loggers = [JsonlLogger(out / "metrics.jsonl")]
     if cfg.logging.wandb and cfg.logging.mode != "disabled":
-        lcfg = replace(cfg.logging, run_name=cfg.logging.run_name or f"eval-{info['name']}")
-        loggers.append(WandbLogger(lcfg, out, {"eval": asdict(cfg), "model": info}))
+        lcfg = replace(cfg.logging, run_name=cfg.logging.run_name or f"eval-{loaded.name}")
+        loggers.append(WandbLogger(lcfg, out, {"eval": asdict(cfg), "model": loaded.record()}))
     return MultiLogger(loggers)
 
 
@@ -188,25 +189,25 @@ def evaluate(cfg: EvalCfg) -> dict[str, dict]:
     """Evaluate ``cfg.model`` on ``cfg.tasks``; returns ``{task: result}`` and prints a table."""
     tasks = [load_task(t, cfg.data_root, cfg.split, cfg.limit, cfg.seed, cfg.num_fewshot)
              for t in expand_tasks(cfg.tasks)]  # all data errors surface before model loading
-    model, tokenizer, info = load_for_eval(cfg.model, cfg.dtype, cfg.device)
-    out = output_dir(cfg, info)
+    model, tokenizer, loaded = load_trained(cfg.model, cfg.dtype, cfg.device)
+    out = output_dir(cfg, loaded)
     out.mkdir(parents=True, exist_ok=True)
-    logger = _make_logger(cfg, out, info)
-    step = int(info.get("step") or 0)
+    logger = _make_logger(cfg, out, loaded)
+    step = loaded.step or 0
     results: dict[str, dict] = {}
     try:
         for task in tasks:
             log.info("task %s: %d of %d items (%s, %s)", task.name, len(task.items),
                      task.n_available, task.kind, task.path)
-            res = run_task(model, tokenizer, info, task, cfg, out)
+            res = run_task(model, tokenizer, loaded, task, cfg, out)
             results[task.name] = res
             logger.log({f"eval/{task.name}/{k}": v for k, v in res["metrics"].items()}
                        | {f"eval/{task.name}/seconds": res["seconds"]}, step)
             for note in res["notes"]:
                 log.info("%s: %s", task.name, note)
-        if cfg.routing and info["method"] == "lora_moe":
+        if cfg.routing and loaded.method == "lora_moe":
             records = {t.name: _unique_records(t) for t in tasks}
-            routing = _routing(model, tokenizer, info, records, cfg, out, logger, step)
+            routing = _routing(model, tokenizer, loaded, records, cfg, out, logger, step)
             for name, summary in routing.items():
                 if name in results:
                     results[name]["routing"] = summary

@@ -6,7 +6,7 @@
 ``auto`` picks ``merged`` for LoRA and full fine-tunes, ``mixtral`` for an FFN-expert LoRA-MoE
 and ``routed`` for a per-linear LoRA-MoE (``build.py`` describes each). Every export:
 
-1. loads the trained model exactly as evaluation does (``sparsedoc.eval.load.load_for_eval``:
+1. loads the trained model exactly as evaluation does (``sparsedoc.loader.load_trained``:
    a run's latest checkpoint, a given step, or an adapter folder; ZeRO shards consolidated with
    DeepSpeed's ``zero_to_fp32``);
 2. builds the exported model in fp32 and, for the exact modes, checks its logits (tolerance
@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sparsedoc import fsio
-from sparsedoc.artifacts import read_adapter_meta
+from sparsedoc.artifacts import RUN_CONFIG, Loaded, read_adapter_meta
 from sparsedoc.export.build import (ExportError, build_dense, build_merged, build_mixtral,
                                     build_routed, measure_gate_means)
 from sparsedoc.export.verify import (EXACT_ATOL, compare_weights, fp32_exact, greedy_diff,
@@ -101,23 +101,23 @@ def _temp_sibling(out: Path) -> Path:
 
 # ---- what was trained --------------------------------------------------------------------------
 def _load_source(src: str, device: str):
-    from sparsedoc.eval.load import load_for_eval
+    from sparsedoc.loader import load_trained
 
     from safetensors import SafetensorError
 
     try:
-        return load_for_eval(src, dtype="fp32", device=device)
+        return load_trained(src, dtype="fp32", device=device)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ExportError(f"{src}: cannot load the trained model: {e}") from None
     except SafetensorError as e:  # peft reading a truncated or corrupt adapter file
         raise ExportError(f"{src}: a weight file is unreadable or corrupt ({e})") from None
 
 
-def _moe_cfg(model, info: dict):
+def _moe_cfg(model, loaded: Loaded):
     from sparsedoc.config import MoECfg
 
-    if info.get("adapter_dir") and info["method"] == "lora_moe":
-        return MoECfg(**read_adapter_meta(info["adapter_dir"]).moe)
+    if loaded.adapter_dir and loaded.method == "lora_moe":
+        return MoECfg(**read_adapter_meta(loaded.adapter_dir).moe)
     if getattr(model.config, "sparsedoc_moe", None):
         return MoECfg(**model.config.sparsedoc_moe)
     return None
@@ -146,23 +146,23 @@ def resolve_mode(mode: str, method: str, moe_cfg) -> str:
     return mode
 
 
-def _run_config(info: dict):
+def _run_config(loaded: Loaded):
     from sparsedoc.config import load_config
 
-    ckpt = info.get("checkpoint")
-    if ckpt and (Path(ckpt) / "config.yaml").is_file():
-        return load_config(Path(ckpt) / "config.yaml")
+    ckpt = loaded.checkpoint
+    if ckpt and (Path(ckpt) / RUN_CONFIG).is_file():
+        return load_config(Path(ckpt) / RUN_CONFIG)
     return None
 
 
-def _records(info: dict, data: list[str], calib_data: list[str]):
+def _records(loaded: Loaded, data: list[str], calib_data: list[str]):
     """``(calibration records, held-out records, run config or None, where the calibration
     records come from)``: ``--calib-data`` / ``--data`` first, else the run's train / eval
     splits. Calibrating on the held-out records is allowed but flagged: the gap it measures is
     then optimistic."""
     from sparsedoc.data.dataset import load_records, split_records
 
-    cfg = _run_config(info)
+    cfg = _run_config(loaded)
     train, held_out = [], []
     if cfg is not None and not (data and calib_data):
         try:
@@ -316,13 +316,13 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions | None = None) 
     check_target(out, opts.force)
     t0 = time.perf_counter()
     dtype = DTYPES[opts.dtype]
-    model, tokenizer, info = _load_source(str(src), opts.device)
-    moe_cfg = _moe_cfg(model, info)
-    mode = resolve_mode(opts.mode, info["method"], moe_cfg)
-    calib_records, held_out, run_cfg, calib_source = _records(info, opts.data, opts.calib_data)
+    model, tokenizer, loaded = _load_source(str(src), opts.device)
+    moe_cfg = _moe_cfg(model, loaded)
+    mode = resolve_mode(opts.mode, loaded.method, moe_cfg)
+    calib_records, held_out, run_cfg, calib_source = _records(loaded, opts.data, opts.calib_data)
     samples, prompts = verification_inputs(held_out, tokenizer, run_cfg, opts.samples,
                                             opts.sample_tokens)
-    log.info("export %s (%s) -> %s as %s, %s", src, info["method"], out, mode, opts.dtype)
+    log.info("export %s (%s) -> %s as %s, %s", src, loaded.method, out, mode, opts.dtype)
 
     gap = None
     if mode == "dense":
@@ -352,10 +352,10 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions | None = None) 
         # move the reference along with the export and hide its own bug.
         expected_logits = logits_of(model, samples)
         expected_greedy = greedy_tokens(model, tokenizer, prompts, opts.greedy_new_tokens)
-        built = {"merged": lambda: build_merged(model, info["method"]),
+        built = {"merged": lambda: build_merged(model, loaded.method),
                  "routed": lambda: build_routed(model, moe_cfg),
                  "mixtral": lambda: build_mixtral(model, moe_cfg)}[mode]()
-        reference = f"training-time model ({info['method']}, fp32)"
+        reference = f"training-time model ({loaded.method}, fp32)"
 
     checks: dict = {"reference": reference, "tolerance": opts.atol, "dtype": opts.dtype,
                     "samples": len(samples), "sample_tokens": sum(map(len, samples))}
@@ -411,15 +411,15 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions | None = None) 
         if failures:
             raise VerificationError("verification failed: " + "; ".join(failures))
         meta = {"format": "sparsedoc-export", "version": 1, "mode": mode,
-                "method": info["method"], "source": str(Path(src).resolve()),
-                "step": info.get("step"), "base_model": info.get("base_model"),
+                "method": loaded.method, "source": str(Path(src).resolve()),
+                "step": loaded.step, "base_model": loaded.base_model,
                 "dtype": opts.dtype, "approximate": mode == "dense",
                 "adapter_config": asdict(moe_cfg) if moe_cfg else None,
                 "verification": checks, "dense_gap": gap,
                 "export_seconds": round(time.perf_counter() - t0, 2)}
         meta["size_bytes"] = _folder_bytes(tmp)
         (tmp / METADATA).write_text(json.dumps(meta, indent=2, default=str))
-        _write_card(tmp, meta, info)
+        _write_card(tmp, meta, loaded)
         fsio.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -427,12 +427,12 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions | None = None) 
     return meta
 
 
-def _write_card(folder: Path, meta: dict, info: dict) -> None:
+def _write_card(folder: Path, meta: dict, loaded: Loaded) -> None:
     from sparsedoc.export.card import write_model_card
     from sparsedoc.export.lineage import collect_lineage
 
     card = dict(meta)
-    card["lineage"] = collect_lineage(Path(info.get("checkpoint") or info.get("path")))
+    card["lineage"] = collect_lineage(Path(loaded.checkpoint or loaded.path))
     write_model_card(folder, card)
 
 

@@ -1,4 +1,4 @@
-"""Turn a trained model (as ``load_for_eval`` returns it) into the model an export writes.
+"""Turn a trained model (as ``sparsedoc.loader.load_trained`` returns it) into the model an export writes.
 
 Each builder returns a stock-loadable model in fp32 on CPU, built on the meta device and filled
 with ``load_state_dict(strict=True, assign=True)``: a key the target architecture does not expect,

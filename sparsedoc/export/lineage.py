@@ -15,8 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from sparsedoc.artifacts import ArtifactError, is_run, locate
-from sparsedoc.models.load import EMBEDDED_DIRNAME, EMBEDDED_NAMES
+from sparsedoc.artifacts import (ADAPTER_CONFIG, EMBEDDED_NAMES, EVAL_DIR, RUN_CONFIG, RUN_SUMMARY,
+                                 TRAINER_STATE, ArtifactError, is_run, locate)
+from sparsedoc.models.load import EMBEDDED_DIRNAME
 from sparsedoc.resources import is_bundled_demo_file
 
 NOT_RECORDED = "not recorded"
@@ -183,7 +184,7 @@ def _eval_results(run: Path, ckpt: Path | None, step: int | None,
     """Task results of the exported step under ``<run>/eval`` (run-level evaluations score the
     latest checkpoint of their time; checkpoint-level ones sit in ``eval/step-N/``), and how many
     results of other steps were passed over."""
-    root = run / "eval"
+    root = run / EVAL_DIR
     files = sorted(root.glob("*.json"))
     if ckpt is not None:
         files += sorted((root / ckpt.name).glob("*.json"))
@@ -229,25 +230,25 @@ def collect_lineage(source: Path) -> dict:
                  "held_out_loss": None, "eval": [], "eval_other_steps": 0,
                  "warnings": warnings}
     if ckpt is not None:
-        state = _read_json(ckpt / "trainer_state.json", warnings)
+        state = _read_json(ckpt / TRAINER_STATE, warnings)
         out["trainer_state"] = state
         out["step"] = state.get("step") if isinstance(state, dict) else None
     adapter_dir = Path(source).resolve() if kind == "adapter" else (ckpt / "adapter" if ckpt
                                                                       else None)
     if adapter_dir is not None:
-        meta = _read_json(adapter_dir / "adapter_config.json", warnings)
+        meta = _read_json(adapter_dir / ADAPTER_CONFIG, warnings)
         if isinstance(meta, dict):
             modules = meta.pop("modules", None)
             out["adapter_meta"] = meta
             out["adapter_modules"] = len(modules) if isinstance(modules, list) else None
     for folder in (ckpt, run):
-        if folder is not None and (folder / "config.yaml").is_file():
-            out["config"] = _read_yaml(folder / "config.yaml", warnings)
-            out["config_file"] = str(folder / "config.yaml")
+        if folder is not None and (folder / RUN_CONFIG).is_file():
+            out["config"] = _read_yaml(folder / RUN_CONFIG, warnings)
+            out["config_file"] = str(folder / RUN_CONFIG)
             break
     if run is None:
         return out
-    out["summary"] = _read_json(run / "summary.json", warnings)
+    out["summary"] = _read_json(run / RUN_SUMMARY, warnings)
     out["data_stats"] = _read_json(run / "data_stats.json", warnings)
     names = sorted((p.name for p in run.glob("data_manifest*.json")),
                    key=lambda n: int(m.group(1)) if (m := re.search(r"_(\d+)\.json$", n)) else 0)

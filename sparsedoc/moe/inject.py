@@ -7,7 +7,6 @@ Adapter files hold experts and routers only (never the memory queues, which are 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparsedoc import fsio
+from sparsedoc.artifacts import ADAPTER_CONFIG, MOE_FORMAT, ArtifactError, read_adapter_meta
 from sparsedoc.config import MoECfg
 from sparsedoc.moe.ffn import LoRALinear, LoRAMoEFFN
 from sparsedoc.moe.layer import LoRAMoELinear
@@ -24,7 +25,6 @@ MoEModule = (LoRAMoELinear, LoRAMoEFFN)
 ADAPTER_MODULES = (LoRAMoELinear, LoRAMoEFFN, LoRALinear)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 _BLOCK_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -172,10 +172,10 @@ def save_moe_adapter(model: nn.Module, out_dir: str | Path, cfg: MoECfg, base_mo
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state_dict(model), out_dir / ADAPTER_WEIGHTS)
-    meta = {"format": "sparsedoc-lora-moe", "version": 1, "base_model": base_model,
+    meta = {"format": MOE_FORMAT, "version": 1, "base_model": base_model,
             "dispatch": dispatch, "moe": asdict(cfg),
             "modules": adapter_module_names(model)}
-    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+    fsio.write_json(out_dir / ADAPTER_CONFIG, meta)
 
 
 def load_moe_adapter(model: nn.Module, adapter_dir: str | Path) -> MoECfg:
@@ -190,8 +190,12 @@ def load_moe_adapter(model: nn.Module, adapter_dir: str | Path) -> MoECfg:
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing; not a sparsedoc LoRA-MoE adapter folder")
-    meta = json.loads(cfg_path.read_text())
-    cfg = MoECfg(**meta["moe"])
+    adapter = read_adapter_meta(adapter_dir)
+    if adapter.method != "lora_moe":
+        raise ArtifactError(f"{cfg_path}: a peft {adapter.method} adapter, not a sparsedoc "
+                            f"LoRA-MoE one (\"format\": \"{MOE_FORMAT}\")")
+    meta = adapter.raw
+    cfg = MoECfg(**adapter.moe)
     inject_lora_moe(model, cfg, dispatch=meta.get("dispatch", "dense"))
     names = adapter_module_names(model)
     if names != meta["modules"]:

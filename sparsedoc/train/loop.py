@@ -19,6 +19,7 @@ import torch
 
 from sparsedoc import fsio
 from sparsedoc import checkpoint as ckpt
+from sparsedoc.artifacts import RUN_CONFIG, RUN_SUMMARY
 from sparsedoc.config import Config, config_to_dict, save_config
 from sparsedoc.data.dataset import eval_batches, make_collator, prepare_data, train_loader
 from sparsedoc.logging import JsonlLogger, MultiLogger, NullLogger, WandbLogger
@@ -133,7 +134,7 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
     logger = NullLogger()
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / RUN_CONFIG)
         fsio.write_json(run_dir / "ds_config.json", ds)
         fsio.write_json(run_dir / "data_stats.json", st)
         for i, manifest in enumerate(data.manifests):
@@ -159,7 +160,7 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
         images: dict[str, str] = {}
 
         def write_extras(out: Path) -> None:
-            save_config(cfg, out / "config.yaml")
+            save_config(cfg, out / RUN_CONFIG)
             images.update(method.on_checkpoint(engine.module, out, at_step))
 
         final = ckpt.save_checkpoint(engine, run_dir, at_step, state, rank, write_adapter,
@@ -258,7 +259,7 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
                "max_seq_len": cfg.data.max_seq_len, "model": model_path,
                "final_checkpoint": str(last_ckpt) if last_ckpt else None}
     if is_main():
-        fsio.write_json(run_dir / "summary.json", summary)  # sweep's "done" marker
+        fsio.write_json(run_dir / RUN_SUMMARY, summary)  # written last: artifacts.run_finished
         logger.close()
         log.info("run folder: %s", run_dir.resolve())
         log.info("metrics:    %s", (run_dir / "metrics.jsonl").resolve())

@@ -1,6 +1,7 @@
-"""One loader for everything ``sparsedoc evaluate`` scores: base models, training runs, exports.
+"""One loader for everything sparsedoc evaluates, exports or generates with: base models,
+training runs, checkpoints, adapters, exports.
 
-``load_for_eval(path)`` recognises, in this order:
+``load_trained(path)`` loads what ``sparsedoc.artifacts.locate`` recognised:
 
 * a **training run folder** (``config.yaml`` + ``checkpoints/step-*``): the latest complete
   checkpoint is applied to a fresh base model as ``adapter.method`` says: ``lora`` / ``prompt``
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from sparsedoc.artifacts import ADAPTER_CONFIG, RUN_CONFIG, Artifact, ArtifactError, locate
+from sparsedoc.artifacts import (ADAPTER_CONFIG, RUN_CONFIG, Artifact, ArtifactError, Loaded,
+                                 locate)
 from sparsedoc.config import Config, ModelCfg
 from sparsedoc.models.load import load_model_and_tokenizer, resolve_dtype
 
@@ -98,11 +100,12 @@ def _load_checkpoint(art: Artifact, dtype: torch.dtype):
         model = _apply_adapter(model, method, adapter_dir)
         weights = [adapter_dir]
     run_dir = art.run_dir or ckpt.parents[1]
-    info = {"kind": art.kind, "method": method, "path": art.path, "checkpoint": str(ckpt),
-            "step": art.step, "base_model": base_path, "seed": cfg.train.seed,
-            "run_dir": str(run_dir.resolve()), "fingerprint": _fingerprint(weights),
-            "adapter_dir": str(adapter_dir) if method != "full" else None}
-    return model, tokenizer, info
+    loaded = dict(kind=art.kind, method=method, path=art.path, checkpoint=str(ckpt),
+                  step=art.step, base_model=base_path, seed=cfg.train.seed,
+                  run_dir=str(run_dir.resolve()), fingerprint=_fingerprint(weights),
+                  adapter_dir=str(adapter_dir) if method != "full" else None,
+                  name=run_dir.name + (f"@{art.step}" if art.step is not None else ""))
+    return model, tokenizer, loaded
 
 
 def _load_adapter_folder(art: Artifact, dtype: torch.dtype):
@@ -112,44 +115,33 @@ def _load_adapter_folder(art: Artifact, dtype: torch.dtype):
     model, tokenizer, base_path = load_model_and_tokenizer(ModelCfg(name_or_path=meta.base_model),
                                                            dtype)
     model = _apply_adapter(model, meta.method, meta.dir)
-    info = {"kind": "adapter", "method": meta.method, "path": art.path,
-            "base_model": base_path, "fingerprint": _fingerprint([meta.dir]),
-            "adapter_dir": str(meta.dir)}
-    return model, tokenizer, info
+    loaded = dict(kind="adapter", method=meta.method, path=art.path, base_model=base_path,
+                  fingerprint=_fingerprint([meta.dir]), adapter_dir=str(meta.dir),
+                  name=Path(art.path).name)
+    return model, tokenizer, loaded
 
 
-def load_for_eval(path: str, dtype: str = "auto", device: str = "auto"):
-    """Load any model sparsedoc can score; returns ``(model, tokenizer, info)``.
-
-    ``info`` says what was loaded: ``kind`` (run / checkpoint / adapter / hf), ``method``
-    (lora_moe / lora / prompt / full / base), the checkpoint and step, the base model, and a
-    weights ``fingerprint``. The model is in eval mode on ``device`` (auto: cuda if available).
-    """
+def load_trained(path: str, dtype: str = "auto", device: str = "auto"):
+    """Load any model sparsedoc can score, export or generate with; returns
+    ``(model, tokenizer, Loaded)``, the model in eval mode on ``device`` (auto: cuda if
+    available). ``Loaded`` says what was loaded (``sparsedoc.artifacts.Loaded``)."""
     torch_dtype = resolve_dtype(dtype)
     art = locate(path)
     if art.kind in ("run", "checkpoint"):
-        model, tokenizer, info = _load_checkpoint(art, torch_dtype)
+        model, tokenizer, fields = _load_checkpoint(art, torch_dtype)
     elif art.kind == "adapter":
-        model, tokenizer, info = _load_adapter_folder(art, torch_dtype)
+        model, tokenizer, fields = _load_adapter_folder(art, torch_dtype)
     else:
         model, tokenizer, base_path = load_model_and_tokenizer(ModelCfg(name_or_path=art.path),
                                                                torch_dtype)
         method = "lora_moe" if model.config.model_type == "sparsedoc_lora_moe" else "base"
-        info = {"kind": "hf", "method": method, "path": base_path, "base_model": base_path,
-                "fingerprint": _fingerprint([Path(base_path)]) if Path(base_path).is_dir()
-                else base_path}
+        fields = dict(kind="hf", method=method, path=base_path, base_model=base_path,
+                      fingerprint=_fingerprint([Path(base_path)]) if Path(base_path).is_dir()
+                      else base_path, name=Path(base_path).name)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model.to(dev)
     model.eval()
-    info.update(device=str(dev), dtype=str(torch_dtype).replace("torch.", ""),
-                name=_display_name(info))
-    log.info("loaded %s (%s, %s) on %s", info["name"], info["kind"], info["method"], dev)
-    return model, tokenizer, info
-
-
-def _display_name(info: dict) -> str:
-    if info["kind"] in ("run", "checkpoint"):
-        step = f"@{info['step']}" if info.get("step") is not None else ""
-        return Path(info["run_dir"]).name + step
-    return Path(info["path"]).name
+    loaded = Loaded(**fields, device=str(dev), dtype=str(torch_dtype).replace("torch.", ""))
+    log.info("loaded %s (%s, %s) on %s", loaded.name, loaded.kind, loaded.method, dev)
+    return model, tokenizer, loaded
