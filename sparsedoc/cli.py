@@ -6,13 +6,13 @@
     sparsedoc prepare NAME --src PATH --out DIR     convert a dataset to the unified schema
     sparsedoc prepare mixture CONFIG.yaml --out DIR mix converted sets with weights
     sparsedoc train METHOD [--gpus N] [--config Y] [--ds zero2] [key=value ...]
-                                                    METHOD: lora_moe, lora, full, prompt
+                                                    METHOD: lora_moe, lora, full, prompt, ...
     sparsedoc benchmark [...]                       step time / memory, side by side
     sparsedoc evaluate --model M --tasks T1,T2 [k=v] benchmark scores -> eval/<task>.json
     sparsedoc report RUN_DIR... [--out DIR]         mean +/- std table, CSV and chart over runs
     sparsedoc generate MODEL --prompt TEXT [...]    reply to prompts (streamed, or --out JSONL)
     sparsedoc chat MODEL [--system TEXT] [...]      interactive chat (/reset, /system, /exit)
-    sparsedoc sweep {moe,lora,full,prompt} --out DIR --seeds 0,1,2 [--param K --values a,b]
+    sparsedoc sweep METHOD --out DIR --seeds 0,1,2 [--param K --values a,b]
     sparsedoc export SOURCE OUT [--mode M] [--dtype D] [--force]   verified, servable export
 
 ``sparsedoc train`` runs in this process, or starts the ``deepspeed`` launcher for you with
@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 
@@ -31,13 +30,15 @@ USAGE = __doc__
 def _train(argv: list[str]) -> int:
     import argparse
 
-    from sparsedoc.recipes import TRAIN_MODULES, method_name, train_command
+    from sparsedoc.methods import METHODS, UnknownMethod, method_name
+    from sparsedoc.recipes import train_command
+    from sparsedoc.train.recipe import run_recipe
 
     p = argparse.ArgumentParser(
         prog="sparsedoc train", add_help=False,
         description="Train one method on the shared loop. Other arguments (--config, --ds, "
                     "key=value) go to the recipe: sparsedoc train METHOD --help lists them.")
-    p.add_argument("method", nargs="?", help=f"one of: {', '.join(TRAIN_MODULES)}")
+    p.add_argument("method", nargs="?", help=f"one of: {', '.join(METHODS)}")
     p.add_argument("--gpus", type=int, default=1,
                    help="ranks on this node; > 1 starts the deepspeed launcher (CPU ranks too)")
     p.add_argument("--launcher", default="",
@@ -48,11 +49,11 @@ def _train(argv: list[str]) -> int:
         return 0 if {"-h", "--help"} & set(rest) else 2
     try:
         method = method_name(args.method)
-    except ValueError as e:
+    except UnknownMethod as e:
         p.error(str(e))
     wants_help = bool({"-h", "--help"} & set(rest))
     if wants_help or (args.gpus <= 1 and not args.launcher):  # in this process
-        importlib.import_module(TRAIN_MODULES[method]).main(rest)
+        run_recipe(method, rest)
         return 0
     cmd = train_command(method, rest, gpus=args.gpus, launcher=args.launcher)
     print("+ " + " ".join(cmd), flush=True)

@@ -142,7 +142,7 @@ class PromptCfg:
 class AdapterCfg:
     """What is trained: a LoRA-MoE, a single LoRA, soft prompts, or every weight."""
 
-    method: Literal["lora_moe", "lora", "prompt", "full"] = "lora_moe"
+    method: str = "lora_moe"  # a name in sparsedoc.methods.METHODS
     lora: LoraCfg = field(default_factory=LoraCfg)
     moe: MoECfg = field(default_factory=MoECfg)
     prompt: PromptCfg = field(default_factory=PromptCfg)

@@ -25,6 +25,7 @@ import torch
 from sparsedoc.artifacts import (ADAPTER_CONFIG, RUN_CONFIG, Artifact, ArtifactError, Loaded,
                                  locate)
 from sparsedoc.config import Config, ModelCfg
+from sparsedoc.methods import UnknownMethod, method_class
 from sparsedoc.models.load import load_model_and_tokenizer, resolve_dtype
 
 log = logging.getLogger("sparsedoc")
@@ -51,16 +52,10 @@ def prompt_virtual_tokens(model) -> int:
 
 
 def _apply_adapter(model, method: str, adapter_dir: Path):
-    if method in ("lora", "prompt"):
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(model, str(adapter_dir))
-    if method == "lora_moe":
-        from sparsedoc.moe.inject import load_moe_adapter
-
-        load_moe_adapter(model, adapter_dir)
-        return model
-    raise ValueError(f"{adapter_dir}: unknown adapter method {method!r}")
+    try:
+        return method_class(method).load_adapter(model, adapter_dir)
+    except UnknownMethod as e:
+        raise ValueError(f"{adapter_dir}: {e}") from None
 
 
 def _load_full(model, ckpt: Path) -> None:

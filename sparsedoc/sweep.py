@@ -25,16 +25,8 @@ from pathlib import Path
 from sparsedoc import fsio
 from sparsedoc import recipes
 from sparsedoc.artifacts import run_finished
+from sparsedoc.methods import ALIASES, METHODS, method_class, method_name
 
-# run-folder and --param alias names; recipes.method_name maps "moe" to lora_moe
-METHODS = ("moe", "lora", "full", "prompt")
-# short names for the usual swept keys, per method
-PARAM_ALIASES = {
-    "rank": {"lora": "adapter.lora.r", "moe": "adapter.moe.r"},
-    "experts": {"moe": "adapter.moe.num_experts"},
-    "top_k": {"moe": "adapter.moe.top_k"},
-    "prompt_tokens": {"prompt": "adapter.prompt.num_virtual_tokens"},
-}
 
 
 @dataclass
@@ -45,21 +37,31 @@ class SweepRun:
     overrides: list[str]
 
 
+def param_aliases() -> dict[str, dict[str, str]]:
+    """``--param`` short name -> {method: config key}, from the methods' ``sweep_params``."""
+    out: dict[str, dict[str, str]] = {}
+    for name in METHODS:
+        for short, key in method_class(name).sweep_params.items():
+            out.setdefault(short, {})[name] = key
+    return out
+
+
 def resolve_param(method: str, param: str) -> str:
-    if param in PARAM_ALIASES:
-        keys = PARAM_ALIASES[param]
-        if method not in keys:
+    """The config key ``--param`` names for ``method``: a method's short name, or the key."""
+    aliases = param_aliases()
+    if param in aliases:
+        keys = aliases[param]
+        if method_name(method) not in keys:
             raise ValueError(f"--param {param} does not apply to method {method} (applies to "
                              f"{', '.join(keys)}); give the full config key instead")
-        return keys[method]
+        return keys[method_name(method)]
     return param
 
 
 def plan(method: str, seeds: list[int], out: str | Path, param: str = "",
          values: list[str] | None = None, overrides: list[str] | None = None) -> list[SweepRun]:
     """Every (value, seed) combination, value-major, with its run folder and overrides."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
+    method_name(method)  # an unknown method fails here, naming the known ones
     key = resolve_param(method, param) if param else ""
     if key and not values:
         raise ValueError("--param needs --values")
@@ -98,11 +100,11 @@ def _write_manifest(out: Path, meta: dict, runs: list[SweepRun], status: dict[st
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sparsedoc sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=sorted(METHODS))
+    p.add_argument("method", choices=[*METHODS, *ALIASES])
     p.add_argument("--out", required=True, help="sweep folder (one run folder per grid point)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--param", default="", help=f"swept config key or one of "
-                                               f"{sorted(PARAM_ALIASES)}")
+                                               f"{sorted(param_aliases())}")
     p.add_argument("--values", default="", help="comma-separated values of --param")
     p.add_argument("--launcher", default="", help="e.g. 'deepspeed --num_gpus 8' (default: "
                                                   "this python, one process)")

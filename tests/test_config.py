@@ -102,8 +102,6 @@ def test_unknown_yaml_key_names_dotted_key_and_file(tmp_path):
 
 @pytest.mark.parametrize("override,needles", [
     ("train.max_steps=abc", ["train.max_steps", "integer", "'abc'"]),
-    ("adapter.method=foo", ["adapter.method", "'foo'", "'lora_moe'", "'lora'", "'prompt'",
-                            "'full'"]),
     ("adapter.moe.top_k=9", ["adapter.moe.top_k", "(4)", "got 9"]),
     ("data.max_seq_len=4", ["data.max_seq_len", ">= 16", "got 4"]),
     ("data.packing=maybe", ["data.packing", "true or false"]),

@@ -15,7 +15,7 @@ from sparsedoc.data.schema import RecordError, read_jsonl, write_jsonl
 from sparsedoc.data.tokenize import (IGNORE_INDEX, TokenizedExample, encode_chat,
                                      tokenize_records)
 from sparsedoc.models.load import load_tokenizer, resolve_model_path
-from sparsedoc.train.method import model_inputs
+from sparsedoc.data.batch import model_inputs
 
 DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by " \
                  "Hugging Face<|im_end|>\n"

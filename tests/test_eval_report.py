@@ -106,8 +106,8 @@ def test_sweep_plans_the_grid(capsys, tmp_path):
                  "cmexam", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4  # (train, evaluate) x 2 seeds
-    assert shlex.split(lines[0])[:5] == ["deepspeed", "--num_gpus", "8", "--module",
-                                         "sparsedoc.recipes.train_prompt"]
+    assert shlex.split(lines[0])[:7] == ["deepspeed", "--num_gpus", "8", "--module",
+                                         "sparsedoc.recipes.train", "--method", "prompt"]
     assert "adapter.prompt.num_virtual_tokens=10" in lines[0]
     first_run = str(tmp_path / "prompt_num_virtual_tokens10_seed0")
     assert shlex.split(lines[1])[1:7] == ["-m", "sparsedoc.recipes.evaluate", "--model", first_run, "--tasks", "cmexam"]

@@ -1,4 +1,4 @@
-"""sparsedoc.baselines.lora: only the adapter trains, and the written adapter reloads exactly."""
+"""sparsedoc.methods.lora: only the adapter trains, and the written adapter reloads exactly."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sparsedoc.baselines.lora import LoraMethod
+from sparsedoc.methods.lora import LoraMethod
 from sparsedoc.config import load_config
 from sparsedoc.data.collate import PadCollator
 from sparsedoc.data.schema import read_jsonl

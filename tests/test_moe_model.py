@@ -14,9 +14,9 @@ from sparsedoc.data.dataset import prepare_data
 from sparsedoc.models.load import enable_activation_checkpointing, load_tokenizer
 from sparsedoc.moe.inject import (inject_lora_moe, load_moe_adapter, moe_layers, routing_layers)
 from sparsedoc.moe.layer import LoRAMoELinear
-from sparsedoc.moe.method import MoEMethod, label_queue, queues_in_sync
+from sparsedoc.methods.lora_moe import LoraMoEMethod, label_queue, queues_in_sync
 from sparsedoc.moe.record import record_routing
-from sparsedoc.train.method import model_inputs
+from sparsedoc.data.batch import model_inputs
 
 
 def load_tiny(path):
@@ -38,7 +38,7 @@ def a_batch(cfg, tiny_model_dir, n=4):
 
 
 def built(cfg, tiny_model_dir):
-    method = MoEMethod()
+    method = LoraMoEMethod()
     model = method.build(load_tiny(tiny_model_dir), cfg)
     model.train()
     return method, model
@@ -332,7 +332,7 @@ def test_experts_without_tokens_still_get_a_gradient(dispatch):
 
 
 def test_queue_sync_check_detects_a_diverged_rank(tiny_model_dir, toy_data, monkeypatch):
-    import sparsedoc.moe.method as moe_method
+    import sparsedoc.methods.lora_moe as moe_method
 
     cfg = moe_config(tiny_model_dir, toy_data, contrastive="label")
     _, model = built(cfg, tiny_model_dir)
@@ -347,14 +347,14 @@ _ROUTER_LR_SCRIPT = r"""
 import json, sys, torch, deepspeed
 from transformers import AutoModelForCausalLM
 from sparsedoc.config import load_config
-from sparsedoc.moe.method import MoEMethod
+from sparsedoc.methods.lora_moe import LoraMoEMethod
 from sparsedoc.resources import ds_config_path
 from sparsedoc.train.distributed import build_ds_config, init_distributed
 tiny, scale = sys.argv[1], float(sys.argv[2])
 cfg = load_config(None, [f"model.name_or_path={tiny}", f"adapter.moe.router_lr_scale={scale}",
                          "train.lr=0.01", "train.warmup_steps=2", "train.max_steps=6"])
 init_distributed()
-method = MoEMethod()
+method = LoraMoEMethod()
 model = method.build(AutoModelForCausalLM.from_pretrained(tiny), cfg)
 ds = build_ds_config(ds_config_path("zero2"), cfg, 1, torch.float32)
 groups = method.param_groups(model, cfg.train.lr)

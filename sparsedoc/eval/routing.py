@@ -13,7 +13,7 @@ import torch
 from sparsedoc import fsio
 from sparsedoc.moe.inject import block_index, routing_layers
 from sparsedoc.moe.record import record_routing
-from sparsedoc.train.method import model_inputs
+from sparsedoc.data.batch import model_inputs
 from sparsedoc.moe.telemetry import plot_load_heatmap
 
 

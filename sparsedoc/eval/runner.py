@@ -20,6 +20,7 @@ from sparsedoc.config import EvalCfg
 from sparsedoc.eval.cache import PredictionCache, cache_key
 from sparsedoc.eval.tasks import Task, expand_tasks, item_label, load_task
 from sparsedoc.loader import load_trained
+from sparsedoc.methods import method_class
 from sparsedoc.resources import resolve_path
 
 log = logging.getLogger("sparsedoc")
@@ -205,7 +206,7 @@ def evaluate(cfg: EvalCfg) -> dict[str, dict]:
                        | {f"eval/{task.name}/seconds": res["seconds"]}, step)
             for note in res["notes"]:
                 log.info("%s: %s", task.name, note)
-        if cfg.routing and loaded.method == "lora_moe":
+        if cfg.routing and loaded.method != "base" and method_class(loaded.method).routes:
             records = {t.name: _unique_records(t) for t in tasks}
             routing = _routing(model, tokenizer, loaded, records, cfg, out, logger, step)
             for name, summary in routing.items():

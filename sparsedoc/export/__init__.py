@@ -43,6 +43,8 @@ from sparsedoc.export.build import (ExportError, build_dense, build_merged, buil
                                     build_routed, measure_gate_means)
 from sparsedoc.export.verify import (EXACT_ATOL, compare_weights, fp32_exact, greedy_diff,
                                      greedy_tokens, logit_diff, logits_of)
+from sparsedoc.methods import UnknownMethod, method_class
+from sparsedoc.methods.base import MethodError
 
 log = logging.getLogger("sparsedoc")
 
@@ -124,26 +126,13 @@ def _moe_cfg(model, loaded: Loaded):
 
 
 def resolve_mode(mode: str, method: str, moe_cfg) -> str:
-    if method == "prompt":
-        raise ExportError("prompt tuning keeps a soft prompt that no merged checkpoint can hold; "
-                          "share the adapter folder (checkpoints/step-N/adapter, loads with peft)")
+    """The export mode for ``--mode``, as the method says (``Method.export_mode``)."""
     if method == "base":
         raise ExportError("the source is a plain model without anything trained to export")
-    ffn = moe_cfg is not None and moe_cfg.mode == "ffn"
-    if mode == "auto":
-        if method in ("lora", "full"):
-            return "merged"
-        return "mixtral" if ffn else "routed"
-    allowed = {"lora": ("merged",), "full": ("merged",),
-               "lora_moe": ("routed", "mixtral", "dense")}[method]
-    if mode not in allowed:
-        raise ExportError(f"--mode {mode} does not apply to a {method} model; choose from "
-                          f"{', '.join(allowed)}")
-    if mode == "mixtral" and not ffn:
-        raise ExportError("mode mixtral needs an FFN-expert LoRA-MoE (adapter.moe.mode=ffn); "
-                          "this one routes every linear (mode=linear); use --mode routed or "
-                          "dense")
-    return mode
+    try:
+        return method_class(method).export_mode(mode, moe_cfg)
+    except (MethodError, UnknownMethod) as e:
+        raise ExportError(str(e)) from None
 
 
 def _run_config(loaded: Loaded):
@@ -218,7 +207,7 @@ def measure_gap(routed, dense, tokenizer, records: list[dict], cfg, max_len: int
     from sparsedoc.data.collate import PadCollator
     from sparsedoc.data.dataset import eval_batches
     from sparsedoc.eval.mcq import is_closed_qa, mcq_item, score_mcq, summarize
-    from sparsedoc.train.method import real_tokens
+    from sparsedoc.data.batch import real_tokens
 
     rows = _tokenize(records, tokenizer, cfg, max_len)
     batches = eval_batches(rows, PadCollator(tokenizer.pad_token_id, {}), 8, 0, 1)

@@ -24,11 +24,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparsedoc.config import MoECfg
+from sparsedoc.data.batch import model_inputs, real_tokens
+from sparsedoc.methods import method_class
+from sparsedoc.methods.base import MethodError
 from sparsedoc.moe.ffn import PROJ, LoRALinear, LoRAMoEFFN
 from sparsedoc.moe.inject import block_index, moe_layers
 from sparsedoc.moe.layer import LoRAMoELinear
 from sparsedoc.moe.record import record_routing
-from sparsedoc.train.method import model_inputs, real_tokens
 
 
 class ExportError(RuntimeError):
@@ -88,12 +90,10 @@ def _fill(cls, config, sd: dict[str, torch.Tensor]):
 
 # ---- merged (LoRA via peft, full fine-tune) ------------------------------------------------------
 def build_merged(model: nn.Module, method: str) -> nn.Module:
-    if method == "lora":
-        merged = copy.deepcopy(model).merge_and_unload()  # peft's own merge, exact LoRA maths
-    elif method == "full":
-        merged = model
-    else:
-        raise ExportError(f"mode merged needs a LoRA or full fine-tune run; this is {method}")
+    try:
+        merged = method_class(method).merged(model)
+    except MethodError as e:
+        raise ExportError(str(e)) from None
     return merged.float().cpu().eval()
 
 

@@ -18,15 +18,17 @@ from sparsedoc import __version__
 from sparsedoc.export.lineage import (EMBEDDED_HUB_ID, NOT_RECORDED, base_model_license,
                                       is_embedded, is_non_commercial, license_summary,
                                       looks_like_hub_id)
+from sparsedoc.methods import UnknownMethod, method_class
 
 # ---- rendering -----------------------------------------------------------------------------------
-METHOD_WORDS = {
-    "lora": "LoRA fine-tuning: one low-rank adapter on the frozen base (peft)",
-    "full": "full fine-tuning: every weight of the base trained",
-    "lora_moe": "LoRA-MoE: a mixture of LoRA experts behind learned top-k routers on the frozen "
-                "base (sparsedoc)",
-    "prompt": "prompt tuning: a trained soft prompt in front of the frozen base",
-}
+def _method(name: str | None):
+    """The method class the card describes, or None for a name this sparsedoc does not know."""
+    try:
+        return method_class(name) if name else None
+    except UnknownMethod:
+        return None
+
+
 MODE_WORDS = {
     "merged": "merged: the trained weights folded into a plain transformers model of the base "
               "architecture; it loads and serves like the base model",
@@ -103,10 +105,10 @@ def _adapter_config(info: dict, lineage: dict):
     if info.get("adapter_config"):
         return info["adapter_config"]
     adapter = ((lineage.get("config") or {}).get("adapter") or {})
-    method = info.get("method") or adapter.get("method")
-    if method == "full":
-        return "none: a full fine-tune has no adapter (every weight was trained)"
-    section = {"lora_moe": "moe", "lora": "lora", "prompt": "prompt"}.get(method)
+    method = _method(info.get("method") or adapter.get("method"))
+    if method is not None and method.config_section is None:
+        return f"none: a {method.title} has no adapter (every weight was trained)"
+    section = method.config_section if method is not None else None
     if section and adapter.get(section):
         return adapter[section]
     meta = lineage.get("adapter_meta") or {}
@@ -293,9 +295,8 @@ def render_model_card(info: dict) -> str:
 
     hub_base = EMBEDDED_HUB_ID if is_embedded(base, name_or_path) else \
         (base if looks_like_hub_id(base) else None)
-    tags = ["sparsedoc", "medical", {"lora_moe": "lora-moe", "lora": "lora",
-                                     "full": "full-fine-tune", "prompt": "prompt-tuning"}
-            .get(method, "fine-tuned")]
+    known = _method(method)
+    tags = ["sparsedoc", "medical", known.tag if known else "fine-tuned"]
     tags += {"mixtral": ["mixtral", "moe"], "routed": ["moe"], "dense": ["approximate"]}.get(
         mode, [])
     front = {**lic["front_matter"]}
@@ -309,9 +310,8 @@ def render_model_card(info: dict) -> str:
         front["library_name"] = "transformers"
     front["pipeline_tag"] = "text-generation"
 
-    title = f"{Path(base).name if base else 'model'} + " + {
-        "lora_moe": "LoRA-MoE", "lora": "LoRA", "full": "full fine-tune",
-        "prompt": "prompt tuning"}.get(method, method or "unknown method")
+    title = f"{Path(base).name if base else 'model'} + " + (
+        known.title if known else (method or "unknown method"))
     lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---",
              "", f"# {title} ({mode or 'unknown'} export, step {_fmt(step)})", ""]
     if lic["non_commercial"]:
@@ -333,7 +333,7 @@ def render_model_card(info: dict) -> str:
     lines += ["> Research artifact, **not medical advice**: do not use it to guide the care of "
               "a patient.", "",
               f"- base model: {_base_words(base, name_or_path)}",
-              f"- method: {METHOD_WORDS.get(method, method or NOT_RECORDED)}",
+              f"- method: {known.summary if known else (method or NOT_RECORDED)}",
               f"- export mode: {MODE_WORDS.get(mode, mode or NOT_RECORDED)}",
               f"- training step: {_fmt(step)}; dtype: {_fmt(info.get('dtype'))}; size: "
               f"{_size(info.get('size_bytes'))}",

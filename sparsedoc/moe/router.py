@@ -10,7 +10,7 @@ mean over tokens), so a random router ranks experts mostly by that direction and
 every token to the same k experts before training starts (measured on SmolLM2-135M: 49 of 210
 layers put >90% of tokens on one expert). The router therefore scores tokens with
 ``W (I - u u^T)``, where ``u`` is the unit mean input measured on a few calibration batches before
-training (``MoEMethod.calibrate``). That is still one bias-free linear map (``effective_weight``), so it
+training (``LoraMoEMethod.calibrate``). That is still one bias-free linear map (``effective_weight``), so it
 exports as a plain gate, and it brought the same count to 0 of 210.
 """
 
@@ -66,7 +66,7 @@ class TopKRouter(nn.Module):
     @torch.no_grad()
     def set_shared_direction(self, mean_input: torch.Tensor) -> None:
         """Project the direction of ``mean_input`` (the mean router input over calibration
-        tokens, ``sparsedoc.moe.method.MoEMethod.calibrate``) out of the routing."""
+        tokens, ``sparsedoc.methods.lora_moe.LoraMoEMethod.calibrate``) out of the routing."""
         norm = mean_input.norm()
         if norm > 0:
             self.shared_direction.copy_((mean_input / norm).to(self.shared_direction))

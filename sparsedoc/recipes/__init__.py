@@ -12,29 +12,19 @@ from __future__ import annotations
 import shlex
 import sys
 
-# adapter.method -> the recipe module that trains it
-TRAIN_MODULES = {"lora_moe": "sparsedoc.recipes.train_moe", "lora": "sparsedoc.recipes.train_lora",
-                 "full": "sparsedoc.recipes.train_full",
-                 "prompt": "sparsedoc.recipes.train_prompt"}
-METHOD_ALIASES = {"moe": "lora_moe"}
+from sparsedoc.methods import method_name
 
-
-def method_name(name: str) -> str:
-    """The canonical method name for ``name`` (``moe`` is accepted for ``lora_moe``)."""
-    method = METHOD_ALIASES.get(name, name)
-    if method not in TRAIN_MODULES:
-        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(TRAIN_MODULES)}")
-    return method
+TRAIN_MODULE = "sparsedoc.recipes.train"  # trains any method: --method NAME
 
 
 def train_command(method: str, args: list[str], gpus: int = 1, launcher: str = "") -> list[str]:
     """The command line that trains ``method``: this interpreter for one process, else the
     ``deepspeed`` launcher (``launcher`` overrides it, e.g. ``"deepspeed --hostfile hosts"``)."""
-    module = TRAIN_MODULES[method_name(method)]
+    args = ["--method", method_name(method), *args]
     if not launcher and gpus <= 1:
-        return [sys.executable, "-m", module, *args]
+        return [sys.executable, "-m", TRAIN_MODULE, *args]
     if launcher:
         cmd = shlex.split(launcher)
     else:  # the launcher of this interpreter's deepspeed, whatever is first on PATH
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus)]
-    return [*cmd, "--module", module, *args]
+    return [*cmd, "--module", TRAIN_MODULE, *args]

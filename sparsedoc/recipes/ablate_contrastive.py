@@ -120,7 +120,7 @@ def expert_distinctness(model, batches: list[dict], tokens_per_batch: int = 64) 
 
     from sparsedoc.moe.losses import expert_output_similarity
     from sparsedoc.moe.record import record_routing
-    from sparsedoc.train.method import model_inputs, real_tokens
+    from sparsedoc.data.batch import model_inputs, real_tokens
 
     g = torch.Generator().manual_seed(0)
     values = []
@@ -209,7 +209,7 @@ def routing_ceiling(run_dir: Path, every: int = 6, train_batches: int = 30) -> d
     from sparsedoc.data.dataset import eval_batches, make_collator, prepare_data
     from sparsedoc.models.load import load_model_and_tokenizer
     from sparsedoc.moe.inject import block_index, inject_lora_moe, moe_layers
-    from sparsedoc.train.method import model_inputs
+    from sparsedoc.data.batch import model_inputs
 
     cfg = locate(run_dir).config()
     model, tok, _ = load_model_and_tokenizer(cfg.model, torch.float32)
@@ -272,7 +272,7 @@ def mixtral_routing(run_dir: Path, out: Path) -> dict:
     from sparsedoc.export import ExportOptions, export
     from sparsedoc.models.load import load_model_and_tokenizer
     from sparsedoc.moe.inject import load_moe_adapter
-    from sparsedoc.train.method import model_inputs
+    from sparsedoc.data.batch import model_inputs
 
     export_dir = out / "mixtral"
     if not (export_dir / "config.json").is_file():

@@ -42,12 +42,10 @@ def _peak_bytes() -> int:
 
 def measure_variant(args) -> dict:
     """Child process: build one variant, time `steps` optimizer steps on a fixed batch."""
-    from sparsedoc.baselines.full import FullMethod
-    from sparsedoc.baselines.lora import LoraMethod
     from sparsedoc.config import load_config
     from sparsedoc.models.load import enable_activation_checkpointing, load_model_and_tokenizer
-    from sparsedoc.moe.method import MoEMethod
-    from sparsedoc.train.method import count_parameters
+    from sparsedoc.methods import new_method
+    from sparsedoc.methods.base import count_parameters
 
     overrides = [f"model.name_or_path={args.model}", f"adapter.moe.num_experts={args.experts}",
                  f"adapter.moe.top_k={min(2, args.experts)}", "adapter.moe.contrastive=label",
@@ -58,7 +56,7 @@ def measure_variant(args) -> dict:
     torch.manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _, _ = load_model_and_tokenizer(cfg.model)
-    method = {"lora": LoraMethod, "lora_moe": MoEMethod, "full": FullMethod}[cfg.adapter.method]()
+    method = new_method(cfg.adapter.method)
     model = method.build(model, cfg).to(dev)
     model.train()
     if args.grad_ckpt:

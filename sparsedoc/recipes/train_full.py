@@ -7,13 +7,11 @@
 
 from __future__ import annotations
 
-from sparsedoc.baselines.full import FullMethod
-from sparsedoc.resources import recipe_config_path
 from sparsedoc.train.recipe import run_recipe
 
 
 def main(argv: list[str] | None = None):
-    return run_recipe(FullMethod(), str(recipe_config_path("full_demo")), argv)
+    return run_recipe("full", argv)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,11 @@
 
 from __future__ import annotations
 
-from sparsedoc.baselines.lora import LoraMethod
-from sparsedoc.resources import recipe_config_path
 from sparsedoc.train.recipe import run_recipe
 
 
 def main(argv: list[str] | None = None):
-    return run_recipe(LoraMethod(), str(recipe_config_path("lora_demo")), argv)
+    return run_recipe("lora", argv)
 
 
 if __name__ == "__main__":

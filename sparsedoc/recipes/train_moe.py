@@ -8,13 +8,11 @@ memory queue, on the shared loop.
 
 from __future__ import annotations
 
-from sparsedoc.moe.method import MoEMethod
-from sparsedoc.resources import recipe_config_path
 from sparsedoc.train.recipe import run_recipe
 
 
 def main(argv: list[str] | None = None):
-    return run_recipe(MoEMethod(), str(recipe_config_path("moe_demo")), argv)
+    return run_recipe("lora_moe", argv)
 
 
 if __name__ == "__main__":

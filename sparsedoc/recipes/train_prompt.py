@@ -7,13 +7,11 @@
 
 from __future__ import annotations
 
-from sparsedoc.baselines.prompt import PromptMethod
-from sparsedoc.resources import recipe_config_path
 from sparsedoc.train.recipe import run_recipe
 
 
 def main(argv: list[str] | None = None):
-    return run_recipe(PromptMethod(), str(recipe_config_path("prompt_demo")), argv)
+    return run_recipe("prompt", argv)
 
 
 if __name__ == "__main__":

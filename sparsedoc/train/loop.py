@@ -28,7 +28,8 @@ from sparsedoc.models.load import (enable_activation_checkpointing, load_model_a
 from sparsedoc.train.distributed import (all_reduce_sum, barrier, build_ds_config, device,
                                          init_distributed, is_main,
                                          release_cpu_comm_buffers, zero_stage)
-from sparsedoc.train.method import Method, count_parameters, model_inputs
+from sparsedoc.data.batch import model_inputs
+from sparsedoc.methods.base import Method, count_parameters
 
 log = logging.getLogger("sparsedoc")
 

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from sparsedoc.config import Config
-from sparsedoc.train.method import Method
+from sparsedoc.methods.base import Method
 
 
 class LoraMethod(Method):
     name = "lora"
+    title = "LoRA"
+    summary = "LoRA fine-tuning: one low-rank adapter on the frozen base (peft)"
+    tag = "lora"
+    config_section = "lora"
+    default_config = "lora_demo"
+    export_modes = ("merged",)
+    sweep_params = {"rank": "adapter.lora.r"}
 
     def build(self, model: nn.Module, cfg: Config) -> nn.Module:
         c = cfg.adapter.lora
@@ -23,3 +31,11 @@ class LoraMethod(Method):
     def write_adapter(self, model: nn.Module, out_dir: Path) -> None:
         # peft's own format: PeftModel.from_pretrained(base, out_dir) loads it.
         model.save_pretrained(out_dir, safe_serialization=True)
+
+    @classmethod
+    def load_adapter(cls, model: nn.Module, adapter_dir: Path) -> nn.Module:
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+
+    @classmethod
+    def merged(cls, model: nn.Module) -> nn.Module:
+        return copy.deepcopy(model).merge_and_unload()  # peft's own merge, exact LoRA maths

@@ -1,8 +1,10 @@
-"""What differs between training methods, in one small interface the shared loop calls.
+"""What differs between training methods, in one small interface every command calls.
 
 A method builds its adapter on the base model, turns a batch into a loss (plus metrics), may act
-after each optimizer step (the MoE enqueues into its memory queue there), and writes its
-adapter-only weights. Everything else — data, DeepSpeed, logging, checkpoints — is the loop's.
+after each optimizer step (the MoE enqueues into its memory queue there), writes and loads its
+adapter-only weights, says which export modes apply to it, and states the facts a model card
+and a sweep need. Everything else (data, DeepSpeed, logging, checkpoints) is the loop's.
+Methods are found by name in ``sparsedoc.methods.METHODS``.
 """
 
 from __future__ import annotations
@@ -13,30 +15,7 @@ import torch
 from torch import nn
 
 from sparsedoc.config import Config
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
-    """The keys the HF model takes. Packed rows (with ``position_ids``) drop the padding mask so
-    transformers builds a block-diagonal mask from the restarting positions.
-
-    ``use_cache=False``: a training or loss forward never reuses keys and values, and transformers
-    only derives the block-diagonal mask when no KV cache is passed (with the config's default
-    ``use_cache=True`` it builds one, and packed records would attend to each other)."""
-    inputs: dict = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    if "position_ids" in inputs:
-        inputs.pop("attention_mask", None)
-    inputs["use_cache"] = False
-    return inputs
-
-
-def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """bool (B, S): the tokens of real records. Padding and the rows that only fill an eval
-    batch (``record_ids`` -1) are not; a batch without ``record_ids`` falls back to its mask."""
-    if "record_ids" in batch:
-        return batch["record_ids"] >= 0
-    return batch["attention_mask"].bool()
+from sparsedoc.data.batch import model_inputs
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -49,10 +28,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+class MethodError(ValueError):
+    """A request that does not apply to this method (an export mode, a swept parameter)."""
+
+
 class Method:
     """Base class: full-model defaults that the adapter methods override."""
 
     name = "base"
+    title = "base"  # in tables and model cards
+    summary = ""  # one line for the model card: what was trained
+    tag = ""  # the model card's hub tag
+    config_section: str | None = None  # cfg.adapter.<section> holds the method's settings
+    default_config = "moe_demo"  # the bundled recipe config ``sparsedoc train NAME`` starts from
+    export_modes: tuple[str, ...] = ()  # what ``sparsedoc export --mode`` accepts; first: auto
+    no_export_reason = "nothing trained to export"
+    sweep_params: dict[str, str] = {}  # ``sparsedoc sweep --param`` short names -> config keys
+    routes = False  # has routers: evaluation adds the routing analysis
     exclude_frozen_in_checkpoint = True  # the frozen base is reloaded from its source on resume
     calibration_batches = 0  # micro-batches per rank handed to ``calibrate`` (0: not called)
 
@@ -87,3 +79,26 @@ class Method:
         """Rank-0 extras saved into a checkpoint (plots, telemetry); returns images to log as
         ``{metric key: file name inside the checkpoint}``."""
         return {}
+
+    # ---- after training -------------------------------------------------------------------------
+    @classmethod
+    def load_adapter(cls, model: nn.Module, adapter_dir: Path) -> nn.Module:
+        """The base ``model`` with the adapter written by ``write_adapter`` applied."""
+        raise MethodError(f"{adapter_dir}: method {cls.name} writes no adapter folder")
+
+    @classmethod
+    def export_mode(cls, mode: str, moe_cfg=None) -> str:
+        """The export mode for ``--mode mode`` (``auto``: this method's default)."""
+        if not cls.export_modes:
+            raise MethodError(cls.no_export_reason)
+        if mode == "auto":
+            return cls.export_modes[0]
+        if mode not in cls.export_modes:
+            raise MethodError(f"--mode {mode} does not apply to a {cls.name} model; choose from "
+                              f"{', '.join(cls.export_modes)}")
+        return mode
+
+    @classmethod
+    def merged(cls, model: nn.Module) -> nn.Module:
+        """The trained model as one plain model of the base architecture (export mode merged)."""
+        raise MethodError(f"mode merged needs a LoRA or full fine-tune run; this is {cls.name}")

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+from peft import PeftModel, PromptTuningConfig, PromptTuningInit, get_peft_model
 from torch import nn
 
 from sparsedoc.config import Config
 from sparsedoc.models.load import resolve_model_path
-from sparsedoc.train.method import Method
+from sparsedoc.methods.base import Method
 
 
 class PromptMethod(Method):
     name = "prompt"
+    title = "prompt tuning"
+    summary = "prompt tuning: a trained soft prompt in front of the frozen base"
+    tag = "prompt-tuning"
+    config_section = "prompt"
+    default_config = "prompt_demo"
+    no_export_reason = ("prompt tuning keeps a soft prompt that no merged checkpoint can hold; "
+                        "share the adapter folder (checkpoints/step-N/adapter, loads with peft)")
+    sweep_params = {"prompt_tokens": "adapter.prompt.num_virtual_tokens"}
 
     def build(self, model: nn.Module, cfg: Config) -> nn.Module:
         c = cfg.adapter.prompt
@@ -25,3 +33,7 @@ class PromptMethod(Method):
 
     def write_adapter(self, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(out_dir, safe_serialization=True)
+
+    @classmethod
+    def load_adapter(cls, model: nn.Module, adapter_dir: Path) -> nn.Module:
+        return PeftModel.from_pretrained(model, str(adapter_dir))

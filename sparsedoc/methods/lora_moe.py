@@ -15,17 +15,18 @@ import torch
 from torch import nn
 
 from sparsedoc.config import Config, MoECfg
+from sparsedoc.data.batch import model_inputs, real_tokens
+from sparsedoc.methods.base import Method, MethodError
 from sparsedoc.models.load import resolve_model_path
 from sparsedoc.moe import losses
-from sparsedoc.moe.inject import (block_index, inject_lora_moe, moe_layers, routing_layers,
-                                  save_moe_adapter)
+from sparsedoc.moe.inject import (block_index, inject_lora_moe, load_moe_adapter, moe_layers,
+                                  routing_layers, save_moe_adapter)
 from sparsedoc.moe.memory_queue import MemoryQueue
 from sparsedoc.moe.record import RoutingRecorder, record_routing
 from sparsedoc.moe.router import TopKRouter
 from sparsedoc.moe.telemetry import RoutingStats
 from sparsedoc.train.distributed import (all_gather_cat, all_gather_rows, all_reduce_sum,
                                          all_reduce_tensor)
-from sparsedoc.train.method import Method, model_inputs, real_tokens
 
 log = logging.getLogger("sparsedoc")
 
@@ -63,8 +64,18 @@ def resolve_dispatch(name: str) -> str:
     return "dense" if name == "auto" else name
 
 
-class MoEMethod(Method):
+class LoraMoEMethod(Method):
     name = "lora_moe"
+    title = "LoRA-MoE"
+    summary = ("LoRA-MoE: a mixture of LoRA experts behind learned top-k routers on the frozen "
+               "base (sparsedoc)")
+    tag = "lora-moe"
+    config_section = "moe"
+    default_config = "moe_demo"
+    export_modes = ("routed", "mixtral", "dense")
+    sweep_params = {"rank": "adapter.moe.r", "experts": "adapter.moe.num_experts",
+                    "top_k": "adapter.moe.top_k"}
+    routes = True
 
     def __init__(self) -> None:
         self.cfg: MoECfg | None = None
@@ -236,6 +247,25 @@ class MoEMethod(Method):
 
     def write_adapter(self, model: nn.Module, out_dir: Path) -> None:
         save_moe_adapter(model, out_dir, self.cfg, self.base_model, self.dispatch)
+
+    @classmethod
+    def load_adapter(cls, model: nn.Module, adapter_dir: Path) -> nn.Module:
+        load_moe_adapter(model, adapter_dir)
+        return model
+
+    @classmethod
+    def export_mode(cls, mode: str, moe_cfg=None) -> str:
+        """``auto``: a stock Mixtral for FFN experts (servable anywhere), else the exact
+        routed model; ``mixtral`` needs FFN experts."""
+        ffn = moe_cfg is not None and moe_cfg.mode == "ffn"
+        if mode == "auto":
+            return "mixtral" if ffn else "routed"
+        mode = super().export_mode(mode)
+        if mode == "mixtral" and not ffn:
+            raise MethodError("mode mixtral needs an FFN-expert LoRA-MoE (adapter.moe.mode=ffn); "
+                              "this one routes every linear (mode=linear); use --mode routed or "
+                              "dense")
+        return mode
 
     def on_checkpoint(self, model: nn.Module, ckpt_dir: Path, step: int) -> dict[str, str]:
         png = self.stats.heatmap(ckpt_dir / "routing_heatmap.png",
