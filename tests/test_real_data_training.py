@@ -50,7 +50,7 @@ def test_converted_records_train_only_on_answers(converted, smollm2_tokenizer, d
     records = read_jsonl(converted / dataset)[:5]
     rows, stats = tokenize_records(records, smollm2_tokenizer, max_seq_len=32768)
     assert stats.truncated == 0
-    assert stats.records == 5 and not stats.skipped_no_target
+    assert stats.records == 5 and not stats.skipped
     for rec, row in zip(records, rows):
         kept = smollm2_tokenizer.decode([t for t in row.labels if t != IGNORE_INDEX])
         if "messages" in rec:
