@@ -5,6 +5,7 @@
 
     sparsedoc prepare NAME --src PATH --out DIR     convert a dataset to the unified schema
     sparsedoc prepare mixture CONFIG.yaml --out DIR mix converted sets with weights
+    sparsedoc lengths FILE.jsonl... [--model M]     token lengths; records kept at 2048/4096
     sparsedoc train METHOD [--gpus N] [--config Y] [--ds zero2] [key=value ...]
                                                     METHOD: lora_moe, lora, full, prompt
     sparsedoc benchmark [...]                       step time / memory, side by side
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "prepare":
         from sparsedoc.prep.cli import main as prepare_main
         return prepare_main(rest)
+    if cmd == "lengths":
+        from sparsedoc.data.lengths import main as lengths_main
+        return lengths_main(rest)
     if cmd == "train":
         return _train(rest)
     if cmd == "benchmark":

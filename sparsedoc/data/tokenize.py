@@ -96,6 +96,14 @@ def encode_chat(tokenizer, messages: list[dict], system_prompt: str = "") -> tup
     return full, labels
 
 
+def target_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The target's tokens: the last assistant message as the template renders it (from the
+    generation prompt to its end of turn)."""
+    t = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    whole = _ids(tokenizer, messages[: t + 1], add_generation_prompt=False)
+    return whole[len(_ids(tokenizer, messages[:t], add_generation_prompt=True)):]
+
+
 @dataclass
 class Fitted:
     """One record fitted to the row length: ids and labels, or the reason it was skipped."""
@@ -178,8 +186,7 @@ def fit_chat(tokenizer, messages: list[dict], max_seq_len: int, max_target_len: 
     if len(ids) <= max_seq_len and not max_target_len:
         return Fitted(ids, labels)
     t = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    whole = _ids(tokenizer, msgs[: t + 1], add_generation_prompt=False)
-    target = whole[len(_ids(tokenizer, msgs[:t], add_generation_prompt=True)):]
+    target = target_ids(tokenizer, msgs)
     cap = max_target_len or max_seq_len
     if len(target) > cap:
         which = "max_target_len" if max_target_len else "max_seq_len"
