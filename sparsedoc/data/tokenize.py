@@ -128,15 +128,21 @@ def _keep_ends(costs: list[int], drop: int) -> list[int]:
         return list(range(n))
     budget = sum(costs) - drop
     head, tail = [0], [n - 1]
-    used = costs[0] + costs[-1]
-    i, j = 1, n - 2
-    head_cost = costs[0]
-    while i <= j and head_cost + costs[i] <= HEAD_SHARE * budget and used + costs[i] <= budget:
-        head.append(i); head_cost += costs[i]; used += costs[i]; i += 1  # noqa: E702
-    while j >= i and used + costs[j] <= budget:
-        tail.append(j); used += costs[j]; j -= 1  # noqa: E702
-    while i <= j and used + costs[i] <= budget:
-        head.append(i); used += costs[i]; i += 1  # noqa: E702
+    used, head_cost = costs[0] + costs[-1], costs[0]
+    i, j = 1, n - 2  # the next candidates from the start and from the end
+
+    def fits(k: int) -> bool:
+        return used + costs[k] <= budget
+
+    while i <= j and fits(i) and head_cost + costs[i] <= HEAD_SHARE * budget:
+        head.append(i)
+        used, head_cost, i = used + costs[i], head_cost + costs[i], i + 1
+    while j >= i and fits(j):
+        tail.append(j)
+        used, j = used + costs[j], j - 1
+    while i <= j and fits(i):  # leftover budget goes back to the start
+        head.append(i)
+        used, i = used + costs[i], i + 1
     return head + tail[::-1]
 
 
