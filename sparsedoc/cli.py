@@ -5,8 +5,11 @@
 
     sparsedoc prepare NAME --src PATH --out DIR     convert a dataset to the unified schema
     sparsedoc prepare mixture CONFIG.yaml --out DIR mix converted sets with weights
+    sparsedoc lengths FILE.jsonl... [--model M]     token lengths; records kept at 2048/4096
     sparsedoc train METHOD [--gpus N] [--config Y] [--ds zero2] [key=value ...]
-                                                    METHOD: lora_moe, lora, full, prompt, ...
+                                                    METHOD: lora_moe, lora, full, prompt, ...;
+                                                    --dry-run: print the resolved config and
+                                                    DeepSpeed JSON for N GPUs, train nothing
     sparsedoc benchmark [...]                       step time / memory, side by side
     sparsedoc evaluate --model M --tasks T1,T2 [k=v] benchmark scores -> eval/<task>.json
     sparsedoc report RUN_DIR... [--out DIR]         mean +/- std table, CSV and chart over runs
@@ -52,7 +55,9 @@ def _train(argv: list[str]) -> int:
     except UnknownMethod as e:
         p.error(str(e))
     wants_help = bool({"-h", "--help"} & set(rest))
-    if wants_help or (args.gpus <= 1 and not args.launcher):  # in this process
+    if "--dry-run" in rest and "--world-size" not in rest:  # fill the JSON for --gpus ranks
+        rest = [*rest, "--world-size", str(args.gpus)]
+    if wants_help or "--dry-run" in rest or (args.gpus <= 1 and not args.launcher):  # here
         run_recipe(method, rest)
         return 0
     cmd = train_command(method, rest, gpus=args.gpus, launcher=args.launcher)
@@ -76,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "prepare":
         from sparsedoc.prep.cli import main as prepare_main
         return prepare_main(rest)
+    if cmd == "lengths":
+        from sparsedoc.data.lengths import main as lengths_main
+        return lengths_main(rest)
     if cmd == "train":
         return _train(rest)
     if cmd == "benchmark":

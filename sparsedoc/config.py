@@ -156,6 +156,10 @@ class DataCfg:
     eval_files: list[str] = field(default_factory=lambda: ["sparsedoc/prep/demo/eval.jsonl"])
     eval_fraction: float = 0.0  # carve a seeded held-out split from train when eval_files is empty
     max_seq_len: int = 512
+    # Longest target (the last assistant message, e.g. a note) kept whole, in tokens; a record
+    # with a longer one is skipped and named in data_stats.json. Too-long records lose prompt
+    # turns instead of target tokens (sparsedoc/data/tokenize.py). 0: max_seq_len.
+    max_target_len: int = 0
     packing: bool = False  # concatenate records into full rows (block-diagonal attention)
     group_by_length: bool = True  # batch records of similar length: less padding, same epochs
     system_prompt: str = ""  # prepended as a system message when a record has none
@@ -165,6 +169,9 @@ class DataCfg:
     def __post_init__(self) -> None:
         if self.max_seq_len < 16:
             raise ConfigError(f"data.max_seq_len: expected >= 16, got {self.max_seq_len}")
+        if not 0 <= self.max_target_len <= self.max_seq_len:
+            raise ConfigError(f"data.max_target_len: expected 0 <= max_target_len <= max_seq_len "
+                              f"({self.max_seq_len}), got {self.max_target_len}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction: expected 0 <= f < 1, got {self.eval_fraction}")
 

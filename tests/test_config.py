@@ -246,3 +246,41 @@ def test_expert_contrast_settings_that_cannot_work_are_rejected():
         MoECfg(contrastive="expert", contrastive_tokens=1)
     MoECfg(contrastive="expert", num_experts=2, top_k=2)  # every expert chosen: still contrasted
     MoECfg(contrastive="label", contrastive_tokens=0)  # the label contrast samples no token
+
+
+# ---- dry-run: the 8B MediGen configs resolve without a GPU -----------------------------------
+
+
+@pytest.mark.parametrize("name,method", [("llama3_8b_medigen_lora", "lora"),
+                                         ("llama3_8b_medigen_moe", "lora_moe")])
+def test_medigen_8b_configs_resolve_in_a_dry_run(name, method, capsys):
+    from sparsedoc.cli import main
+
+    assert main(["train", method, "--gpus", "8", "--config", name, "--ds", "zero2",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    head, _, ds_text = out.partition("# DeepSpeed JSON from ")
+    cfg_text = head.split("\n", 1)[1]
+    resolved = yaml.safe_load(cfg_text)
+    ds = json.loads(ds_text.split("\n", 1)[1])
+    # the printed config is the YAML file, resolved: every value in the file is there
+    tree = yaml.safe_load((REPO / "recipes" / "configs" / f"{name}.yaml").read_text())
+    for key, value in _leaves(tree):
+        node = resolved
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
+    assert resolved["adapter"]["method"] == method
+    assert resolved["model"]["dtype"] == "bf16" and resolved["data"]["max_seq_len"] == 4096
+    assert [Path(f).parts[-2] for f in resolved["data"]["train_files"]] == ["aci_bench",
+                                                                           "mts_dialog"]
+    # the DeepSpeed JSON: bf16, ZeRO-2, batch sizes for 8 ranks, nothing left "auto"
+    t = resolved["train"]
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["train_micro_batch_size_per_gpu"] == t["micro_batch_size"]
+    assert ds["gradient_accumulation_steps"] == t["grad_accum"]
+    assert ds["train_batch_size"] == t["micro_batch_size"] * t["grad_accum"] * 8
+    assert ds["optimizer"]["params"]["lr"] == t["lr"]
+    assert ds["scheduler"]["params"]["total_num_steps"] == t["max_steps"]
+    assert "auto" not in json.dumps(ds)

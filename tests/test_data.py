@@ -123,19 +123,144 @@ def test_multi_answer_mcq_keeps_all_letters(tok):
     assert tok.decode(kept(ex.labels)) == "Answer: AC<|im_end|>\n"
 
 
-def test_truncation_is_counted_and_answerless_records_are_skipped_by_id(tok):
+def test_truncation_is_counted_and_records_that_cannot_fit_are_skipped_by_id(tok):
     long_answer = chat("long-answer", "Short question?", " ".join(["word"] * 200))
     long_prompt = chat("long-prompt", " ".join(["context"] * 200), "Yes.")
     short = chat("short", "Q?", "A.")
     out, stats = tokenize_records([long_answer, long_prompt, short], tok, max_seq_len=64)
     assert stats.records == 3
-    assert stats.truncated == 2
-    assert stats.skipped_no_target == ["long-prompt"]
-    assert [e.record_id for e in out] == ["long-answer", "short"]
-    assert len(out[0].input_ids) == len(out[0].labels) == 64
+    assert stats.truncated == 1 and stats.turns_cut == 1  # one-line prompt: cut inside the turn
+    assert list(stats.skipped) == ["long-answer"]
+    assert "exceeds max_seq_len=64" in stats.skipped["long-answer"]
+    assert [e.record_id for e in out] == ["long-prompt", "short"]
+    assert len(out[0].input_ids) <= 64 and tok.decode(kept(out[0].labels)) == "Yes.<|im_end|>\n"
     assert stats.tokens == sum(len(e.input_ids) for e in out)
     assert stats.target_tokens == sum(sum(t != IGNORE_INDEX for t in e.labels[1:]) for e in out)
-    assert stats.as_dict()["skipped_no_target"] == 1
+    assert stats.as_dict()["skipped"] == 1
+
+
+# ---- target-preserving truncation -----------------------------------------------------------
+
+INTRO = "Here is the transcript of a doctor-patient encounter:"
+ASK = "Write the full clinical visit note for this encounter."
+
+
+def dialogue_record(id_, n_turns, note):
+    turns = [f"[{'doctor' if i % 2 == 0 else 'patient'}] turn {i}: " + "words " * (5 + i % 7)
+             for i in range(n_turns)]
+    user = "\n".join([INTRO, ""] + turns + ["", ASK])
+    return chat(id_, user, note), turns
+
+
+def rendered_ids(tok, messages):
+    """Direct count: the template's text, tokenized as plain text."""
+    text = tok.apply_chat_template(messages, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def kept_user_lines(tok, ids):
+    text = tok.decode(ids)
+    user = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+    return user.split("\n")
+
+
+def test_long_dialogue_keeps_its_whole_note_and_drops_middle_turns(tok):
+    note = "CHIEF COMPLAINT\n\nKnee pain.\n\nASSESSMENT AND PLAN\n\n" + "Rest and ice. " * 40
+    rec, turns = dialogue_record("enc-1", 120, note)
+    full_len = len(rendered_ids(tok, rec["messages"]))
+    max_len = 512
+    assert full_len > 2 * max_len  # the record really is too long
+    out, stats = tokenize_records([rec], tok, max_seq_len=max_len)
+    (ex,) = out
+    assert len(ex.input_ids) <= max_len
+    # the note is whole: the target tokens are exactly the tokenizer's tokens of the note
+    note_ids = tok(note + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert kept(ex.labels) == note_ids
+    # whole turns went, from the middle: the start and the most recent turns stay, in order
+    lines = kept_user_lines(tok, ex.input_ids)
+    assert lines[:2] == [INTRO, ""] and lines[-2:] == ["", ASK]
+    kept_turns = lines[2:-2]
+    assert all(t in turns for t in kept_turns)  # no turn was cut inside
+    n_head = next(i for i, t in enumerate(kept_turns) if t != turns[i])
+    n_tail = len(kept_turns) - n_head
+    assert n_head >= 1 and n_tail >= 1
+    assert kept_turns == turns[:n_head] + turns[len(turns) - n_tail:]
+    assert n_tail > n_head  # most of the budget goes to the most recent turns
+    assert stats.truncated == 1 and stats.turns_cut == 0 and not stats.skipped
+    assert stats.turns_dropped == len(turns) - len(kept_turns)
+    # and it keeps as much as fits: the next dropped turn would not have fitted
+    with_next = "\n".join([INTRO, ""] + turns[:n_head + 1] + turns[len(turns) - n_tail:]
+                          + ["", ASK])
+    longer = rendered_ids(tok, [{"role": "user", "content": with_next},
+                                {"role": "assistant", "content": note}])
+    assert len(longer) > max_len - 16
+
+
+def test_a_note_longer_than_max_target_len_is_skipped_and_named(tok, tmp_path):
+    from sparsedoc.config import DataCfg
+    from sparsedoc.data.dataset import prepare_data
+
+    long_note = "Plan: " + "follow up in two weeks. " * 60
+    note_len = len(tok(long_note, add_special_tokens=False)["input_ids"])
+    rec_long, _ = dialogue_record("enc-long-note", 4, long_note)
+    assert len(rendered_ids(tok, rec_long["messages"])) < 512  # fits whole, note and all
+    rec_ok, _ = dialogue_record("enc-ok", 200, "Short note.")
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, [rec_long, rec_ok])
+    cfg = DataCfg(train_files=[str(path)], eval_files=[], max_seq_len=512,
+                  max_target_len=note_len // 2)
+    data = prepare_data(cfg, tok, seed=0)
+    assert [e.record_id for e in data.train] == ["enc-ok"]
+    assert data.stats["train"]["skipped"] == 1 and data.stats["train"]["truncated"] == 1
+    why = data.stats["skipped_ids"]["train"]["enc-long-note"]
+    assert f"exceeds max_target_len={note_len // 2}" in why
+    # the same record is kept whole when the target may be longer
+    out, stats = tokenize_records([rec_long], tok, max_seq_len=512)
+    assert not stats.skipped and stats.truncated == 0 and len(out) == 1
+
+
+def test_multi_turn_chat_drops_whole_middle_exchanges(tok):
+    msgs = []
+    for i in range(12):
+        msgs += [{"role": "user", "content": f"Question {i}: " + "detail " * 30},
+                 {"role": "assistant", "content": f"Answer {i}: " + "reply " * 30}]
+    rec = {"id": "multi", "messages": msgs,
+           "meta": {"source": "t", "task": "qa", "lang": "en"}}
+    (ex,), stats = tokenize_records([rec], tok, max_seq_len=400)
+    text = tok.decode(ex.input_ids)
+    kept_q = [i for i in range(12) if f"Question {i}:" in text]
+    kept_a = [i for i in range(12) if f"Answer {i}:" in text]
+    assert kept_q == kept_a  # exchanges go as pairs: the roles still alternate
+    assert kept_q[0] == 0 and kept_q[-2:] == [10, 11]
+    assert kept_q == list(range(kept_q[0], kept_q[0] + 1)) + kept_q[1:]  # one gap
+    assert kept_q[1:] == list(range(kept_q[1], 12))
+    assert stats.turns_dropped == 2 * (12 - len(kept_q))
+    assert tok.decode(kept(ex.labels)).endswith(msgs[-1]["content"] + "<|im_end|>\n")
+    assert len(ex.input_ids) <= 400
+
+
+def test_packing_never_splits_a_record(tok):
+    from sparsedoc.data.collate import pack_examples
+
+    recs = [dialogue_record(f"enc-{i}", 1 + 4 * (i % 5), f"Note {i}. " * (3 + i))[0]
+            for i in range(12)]
+    examples, stats = tokenize_records(recs, tok, max_seq_len=300)
+    assert stats.truncated > 0 and not stats.skipped
+    rows = pack_examples(examples, 300)
+    assert len(rows) < len(examples)
+    by_start = 0
+    for row in rows:
+        # the row is a run of consecutive whole records, each with its own length
+        lengths = [n for _, n in row.pieces]
+        members = examples[by_start:by_start + len(lengths)]
+        assert lengths == [len(e.input_ids) for e in members]
+        assert row.input_ids == [t for e in members for t in e.input_ids]
+        assert len(row.input_ids) <= 300
+        by_start += len(lengths)
+    assert by_start == len(examples)
+    too_long = TokenizedExample(list(range(301)), list(range(301)), None, "big")
+    with pytest.raises(ValueError, match="record big: 301 tokens.*never split"):
+        pack_examples(examples[:2] + [too_long], 300)
 
 
 # ---- schema errors ---------------------------------------------------------------------------

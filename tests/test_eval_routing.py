@@ -31,7 +31,7 @@ def test_analyze_routing_counts_every_labelled_token(tiny_model_dir, toy_data, t
     tokens = {lab: sum(len(r.input_ids) for r in rows if r.label == lab)
               for lab in ("cardiology", "neurology")}
     assert res["labels"] == ["cardiology", "neurology"] and res["records"] == len(records)
-    assert res["skipped_no_target"] == 0 and res["truncated"] == 0
+    assert res["skipped"] == 0 and res["truncated"] == 0
     assert len(res["top1_counts"]) == len(routing_layers(model)) == 2  # one router per block
     for counts in res["top1_counts"].values():  # (labels, experts): every real token, once
         assert [sum(row) for row in counts] == [tokens["cardiology"], tokens["neurology"]]

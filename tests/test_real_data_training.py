@@ -50,7 +50,7 @@ def test_converted_records_train_only_on_answers(converted, smollm2_tokenizer, d
     records = read_jsonl(converted / dataset)[:5]
     rows, stats = tokenize_records(records, smollm2_tokenizer, max_seq_len=32768)
     assert stats.truncated == 0
-    assert stats.records == 5 and not stats.skipped_no_target
+    assert stats.records == 5 and not stats.skipped
     for rec, row in zip(records, rows):
         kept = smollm2_tokenizer.decode([t for t in row.labels if t != IGNORE_INDEX])
         if "messages" in rec:
@@ -95,3 +95,14 @@ def test_moe_recipe_trains_on_a_real_mixture(converted, tiny_model_dir, tmp_path
     stats = json.loads((run / "data_stats.json").read_text())
     assert stats["train"]["records"] + stats["eval"]["records"] == 120
     assert stats["train"]["truncated"] > 0  # long dialogues at max_seq_len=128: counted
+    assert stats["train"]["turns_dropped"] + stats["train"]["turns_cut"] > 0
+    # the same counts in the run summary and in the start-up log
+    summary = json.loads((run / "summary.json").read_text())
+    for split in ("train", "eval"):
+        assert summary["data"][split] == {k: stats[split][k] for k in (
+            "records", "truncated", "turns_dropped", "turns_cut", "skipped")}
+    s = stats["train"]
+    assert (f"data train: {s['records']} records -> {s['records'] - s['skipped']} kept, "
+            f"{s['truncated']} shortened to max_seq_len=128 with the target whole "
+            f"({s['turns_dropped']} turns dropped, {s['turns_cut']} cut inside a turn), "
+            f"{s['skipped']} skipped") in proc.stdout

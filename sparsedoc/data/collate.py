@@ -54,6 +54,8 @@ class PadCollator:
 def pack_examples(examples: list[TokenizedExample], max_seq_len: int) -> list[TokenizedExample]:
     """Greedily concatenate examples (in order) into rows of at most ``max_seq_len`` tokens.
 
+    A record is never split across rows: tokenization already fitted each one to
+    ``max_seq_len`` with its target whole, and a longer example here is an error.
     The first label of each packed piece is masked so no row learns to predict across a record
     boundary. Attention still spans the whole row unless the model runs flash-attention-2 with
     ``position_ids`` restarting per piece (``PackCollator`` provides them). Each record keeps
@@ -65,6 +67,9 @@ def pack_examples(examples: list[TokenizedExample], max_seq_len: int) -> list[To
     cur_pos: list[int] = []
     pieces: list[TokenizedExample] = []
     for e in examples:
+        if len(e.input_ids) > max_seq_len:
+            raise ValueError(f"record {e.record_id}: {len(e.input_ids)} tokens do not fit a packed "
+                             f"row of {max_seq_len}; records are never split across rows")
         if cur_ids and len(cur_ids) + len(e.input_ids) > max_seq_len:
             rows.append(_packed_row(cur_ids, cur_labels, cur_pos, pieces))
             cur_ids, cur_labels, cur_pos, pieces = [], [], [], []

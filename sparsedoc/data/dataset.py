@@ -119,11 +119,14 @@ def split_records(cfg: DataCfg, seed: int) -> tuple[list[dict], list[dict]]:
 
 
 def prepare_data(cfg: DataCfg, tokenizer, seed: int, progress: bool = False) -> PreparedData:
-    """Read, split (if asked), tokenize and optionally pack the train and eval sets."""
+    """Read, split (if asked), tokenize (target-preserving truncation) and optionally pack the
+    train and eval sets. ``stats`` is the run's data report: counts per split, and every
+    skipped record's id with the reason."""
     train_records, eval_records = split_records(cfg, seed)
     labels = sorted({lab for r in train_records + eval_records if (lab := routing_label(r))})
     label_vocab = {lab: i for i, lab in enumerate(labels)}
-    kw = dict(max_seq_len=cfg.max_seq_len, system_prompt=cfg.system_prompt,
+    kw = dict(max_seq_len=cfg.max_seq_len, max_target_len=cfg.max_target_len,
+              system_prompt=cfg.system_prompt,
               mcq_with_explanation=cfg.mcq_with_explanation, progress=progress)
     train, train_stats = tokenize_records(train_records, tokenizer, **kw)
     evals, eval_stats = tokenize_records(eval_records, tokenizer, **kw) if eval_records else (
@@ -134,8 +137,7 @@ def prepare_data(cfg: DataCfg, tokenizer, seed: int, progress: bool = False) -> 
                  if (p := resolve_path(f).parent / "manifest.json").is_file()]
     stats = {"train": train_stats.as_dict(), "eval": eval_stats.as_dict(),
              "train_rows": len(train), "labels": label_vocab,
-             "skipped_ids": {"train": train_stats.skipped_no_target,
-                             "eval": eval_stats.skipped_no_target}}
+             "skipped_ids": {"train": train_stats.skipped, "eval": eval_stats.skipped}}
     return PreparedData(train, evals, label_vocab, stats, manifests)
 
 

@@ -5,6 +5,23 @@ render the conversation up to that turn with the generation prompt (the prompt t
 at inference) and up to the end of that turn; the tokens in between are the targets. This holds
 for any template whose rendering of a prefix is a prefix of the full rendering (ChatML, Llama-3,
 Mistral...), and we check that it does instead of assuming it.
+
+Target-preserving truncation (``fit_chat``): a record longer than ``max_seq_len`` keeps its target
+(the last assistant message) whole and loses turns of its prompt side instead. A *turn* is a whole
+earlier exchange (user + assistant message) of a multi-turn chat, or a line of a message: the
+dialogue converters (ACI-Bench, MTS-Dialog) write one speaker turn a line. The rule, applied until
+the record fits:
+
+1. drop whole earlier exchanges from the middle, keeping the first and the most recent ones;
+2. then drop lines from the middle of the longest prompt message (the dialogue), keeping its
+   start (its first line and about a quarter of what is kept) and its most recent lines (always
+   its last line, which in the converted sets holds the instruction);
+3. only when that is not enough, because one turn is itself too long, cut tokens from the middle
+   of the longest remaining line.
+
+The system message is never shortened. A record whose target alone is longer than
+``max_target_len`` (default ``max_seq_len``), or whose prompt cannot be made to fit, is skipped
+and named with the reason in ``TokenizeStats.skipped``.
 """
 
 from __future__ import annotations
@@ -14,6 +31,7 @@ from dataclasses import dataclass, field
 from sparsedoc.data.schema import mcq_to_chat, record_kind, routing_label
 
 IGNORE_INDEX = -100
+HEAD_SHARE = 0.25  # share of the kept prompt budget that goes to the start of a shortened turn list
 
 
 class TemplateError(ValueError):
@@ -34,15 +52,20 @@ class TokenizedExample:
 
 @dataclass
 class TokenizeStats:
+    """What tokenizing a record list did: the data report of a run (``data_stats.json``)."""
+
     records: int = 0
-    truncated: int = 0
-    skipped_no_target: list[str] = field(default_factory=list)  # ids with no answer token left
+    truncated: int = 0  # records whose prompt side was shortened (their target is whole)
+    turns_dropped: int = 0  # whole turns removed, over all records (lines or whole messages)
+    turns_cut: int = 0  # records in which one turn, too long by itself, was cut inside
+    skipped: dict[str, str] = field(default_factory=dict)  # record id -> why it was skipped
     tokens: int = 0
     target_tokens: int = 0
 
     def as_dict(self) -> dict:
         return {"records": self.records, "truncated": self.truncated,
-                "skipped_no_target": len(self.skipped_no_target), "tokens": self.tokens,
+                "turns_dropped": self.turns_dropped, "turns_cut": self.turns_cut,
+                "skipped": len(self.skipped), "tokens": self.tokens,
                 "target_tokens": self.target_tokens}
 
 
@@ -73,6 +96,168 @@ def encode_chat(tokenizer, messages: list[dict], system_prompt: str = "") -> tup
     return full, labels
 
 
+def target_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The target's tokens: the last assistant message as the template renders it (from the
+    generation prompt to its end of turn)."""
+    t = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    whole = _ids(tokenizer, messages[: t + 1], add_generation_prompt=False)
+    return whole[len(_ids(tokenizer, messages[:t], add_generation_prompt=True)):]
+
+
+@dataclass
+class Fitted:
+    """One record fitted to the row length: ids and labels, or the reason it was skipped."""
+
+    input_ids: list[int]
+    labels: list[int]
+    turns_dropped: int = 0
+    turn_cut: bool = False
+    skip: str = ""  # non-empty: the record does not fit and is left out, for this reason
+
+    @property
+    def shortened(self) -> bool:
+        return self.turns_dropped > 0 or self.turn_cut
+
+
+def _keep_ends(costs: list[int], drop: int) -> list[int]:
+    """Indices of the units kept when at least ``drop`` cost must go from the middle: the first
+    and last unit always stay, then the start gets up to ``HEAD_SHARE`` of the kept budget, the
+    end (the most recent units) as much of the rest as fits, and any leftover goes to the start."""
+    n = len(costs)
+    if n <= 2:
+        return list(range(n))
+    budget = sum(costs) - drop
+    head, tail = [0], [n - 1]
+    used, head_cost = costs[0] + costs[-1], costs[0]
+    i, j = 1, n - 2  # the next candidates from the start and from the end
+
+    def fits(k: int) -> bool:
+        return used + costs[k] <= budget
+
+    while i <= j and fits(i) and head_cost + costs[i] <= HEAD_SHARE * budget:
+        head.append(i)
+        used, head_cost, i = used + costs[i], head_cost + costs[i], i + 1
+    while j >= i and fits(j):
+        tail.append(j)
+        used, j = used + costs[j], j - 1
+    while i <= j and fits(i):  # leftover budget goes back to the start
+        head.append(i)
+        used, i = used + costs[i], i + 1
+    return head + tail[::-1]
+
+
+def _costs(tokenizer, texts: list[str]) -> list[int]:
+    if not texts:
+        return []
+    return [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _line_costs(tokenizer, text: str) -> list[int]:
+    """Tokens of each line of ``text`` as it is tokenized whole (a token belongs to the line it
+    starts in); tokenizing lines one by one would miscount the merges across line breaks."""
+    lines = text.split("\n")
+    if not getattr(tokenizer, "is_fast", False):
+        return _costs(tokenizer, [ln + "\n" for ln in lines])
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+        "offset_mapping"]
+    ends, pos = [], 0
+    for ln in lines:
+        pos += len(ln) + 1
+        ends.append(pos)  # the line's text and its "\n"
+    costs, i = [0] * len(lines), 0
+    for start, _ in offsets:
+        while i < len(lines) - 1 and start >= ends[i]:
+            i += 1
+        costs[i] += 1
+    return costs
+
+
+def _cut_middle(tokenizer, text: str, drop: int) -> str:
+    """``text`` without ``drop`` tokens from its middle (its start and end stay)."""
+    toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = max(0, len(toks) - drop)
+    head = int(keep * HEAD_SHARE)
+    tail = toks[len(toks) - (keep - head):] if keep - head else []
+    return tokenizer.decode(toks[:head]) + tokenizer.decode(tail)
+
+
+def fit_chat(tokenizer, messages: list[dict], max_seq_len: int, max_target_len: int = 0,
+             system_prompt: str = "") -> Fitted:
+    """Encode one conversation within ``max_seq_len`` tokens, shortening the prompt side by the
+    rule in this module's docstring and never the target (the last assistant message)."""
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    msgs = [dict(m) for m in messages]
+    ids, labels = encode_chat(tokenizer, msgs)
+    if len(ids) <= max_seq_len and not max_target_len:
+        return Fitted(ids, labels)
+    t = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    target = target_ids(tokenizer, msgs)
+    cap = max_target_len or max_seq_len
+    if len(target) > cap:
+        which = "max_target_len" if max_target_len else "max_seq_len"
+        return Fitted([], [], skip=f"target of {len(target)} tokens exceeds {which}={cap}")
+    if len(ids) <= max_seq_len:
+        return Fitted(ids, labels)
+    dropped = len(msgs) - t - 1  # messages after the target carry no loss: they go first
+    msgs = msgs[: t + 1]
+    first = 1 if msgs[0]["role"] == "system" else 0
+    ids, labels = encode_chat(tokenizer, msgs)
+
+    def over() -> int:
+        return len(ids) - max_seq_len
+
+    # 1. whole earlier exchanges, as (user, assistant) pairs so that roles keep alternating
+    final_user = t - 1
+    pairs = [(i, i + 1) for i in range(first, final_user - 1, 2)]
+    if (over() > 0 and len(pairs) >= 3 and (final_user - first) % 2 == 0
+            and all(msgs[a]["role"] == "user" and msgs[b]["role"] == "assistant" for a, b in pairs)):
+        costs = [sum(_costs(tokenizer, [msgs[a]["content"], msgs[b]["content"]])) for a, b in pairs]
+        base, need = msgs, over()
+        while True:
+            keep = _keep_ends(costs, need)
+            gone = {k for p in range(len(pairs)) if p not in keep for k in pairs[p]}
+            msgs = [m for k, m in enumerate(base) if k not in gone]
+            ids, labels = encode_chat(tokenizer, msgs)
+            if over() <= 0 or len(keep) == 2:
+                break
+            need += over()
+        dropped += len(gone)
+    # 2. lines from the middle of each prompt message, the longest first
+    prompt_side = sorted(range(first, len(msgs) - 1), key=lambda k: -len(msgs[k]["content"]))
+    for k in prompt_side:
+        lines = msgs[k]["content"].split("\n")
+        if over() <= 0 or len(lines) < 3:
+            continue
+        costs, need = _line_costs(tokenizer, msgs[k]["content"]), over()
+        while True:
+            keep = _keep_ends(costs, need)
+            msgs[k] = {**msgs[k], "content": "\n".join(lines[i] for i in keep)}
+            ids, labels = encode_chat(tokenizer, msgs)
+            if over() <= 0 or len(keep) == 2:
+                break
+            need += over()
+        dropped += len(lines) - len(keep)
+    # 3. a single turn too long by itself: cut the middle of the longest remaining line
+    cut = False
+    for k in prompt_side:
+        while over() > 0 and msgs[k]["content"]:
+            lines = msgs[k]["content"].split("\n")
+            i = max(range(len(lines)), key=lambda i: len(lines[i]))
+            lines[i] = _cut_middle(tokenizer, lines[i], over())
+            msgs[k] = {**msgs[k], "content": "\n".join(lines)}
+            ids, labels = encode_chat(tokenizer, msgs)
+            cut = True
+            if not any(lines):
+                break
+    if over() > 0:
+        return Fitted([], [], dropped, cut, skip=f"prompt side does not fit beside the "
+                      f"{len(target)}-token target: {len(ids)} tokens with every turn shortened")
+    if ids[len(ids) - len(target):] != target:  # a bug here would train on a changed note
+        raise AssertionError("the target changed while its prompt was shortened")
+    return Fitted(ids, labels, dropped, cut)
+
+
 def to_chat(record: dict, mcq_with_explanation: bool = True) -> dict:
     """Chat records pass through; MCQ records become instruction records (answer + explanation)."""
     kind = record_kind(record)
@@ -82,10 +267,11 @@ def to_chat(record: dict, mcq_with_explanation: bool = True) -> dict:
 
 
 def tokenize_records(records: list[dict], tokenizer, max_seq_len: int, system_prompt: str = "",
-                     mcq_with_explanation: bool = True, progress: bool = False
-                     ) -> tuple[list[TokenizedExample], TokenizeStats]:
-    """Tokenize and mask a list of records; truncation is counted, and records left with no
-    target token after truncation are skipped and listed (never silently dropped)."""
+                     mcq_with_explanation: bool = True, progress: bool = False,
+                     max_target_len: int = 0) -> tuple[list[TokenizedExample], TokenizeStats]:
+    """Tokenize and mask a list of records within ``max_seq_len`` (``fit_chat``: the target
+    stays whole, the prompt loses turns); shortened records are counted, and records that
+    cannot fit are skipped and listed with the reason (never silently dropped)."""
     from tqdm.auto import tqdm
 
     stats = TokenizeStats()
@@ -93,15 +279,15 @@ def tokenize_records(records: list[dict], tokenizer, max_seq_len: int, system_pr
     for rec in tqdm(records, desc="tokenize", disable=not progress, leave=False):
         stats.records += 1
         chat = to_chat(rec, mcq_with_explanation)
-        ids, labels = encode_chat(tokenizer, chat["messages"], system_prompt)
-        if len(ids) > max_seq_len:
-            stats.truncated += 1
-            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-        n_target = sum(1 for t in labels[1:] if t != IGNORE_INDEX)  # label 0 is never predicted
-        if n_target == 0:
-            stats.skipped_no_target.append(rec["id"])
+        fit = fit_chat(tokenizer, chat["messages"], max_seq_len, max_target_len, system_prompt)
+        n_target = sum(1 for x in fit.labels[1:] if x != IGNORE_INDEX)  # label 0 is never predicted
+        if fit.skip or n_target == 0:
+            stats.skipped[rec["id"]] = fit.skip or "no target token"
             continue
-        stats.tokens += len(ids)
+        stats.truncated += fit.shortened
+        stats.turns_dropped += fit.turns_dropped
+        stats.turns_cut += fit.turn_cut
+        stats.tokens += len(fit.input_ids)
         stats.target_tokens += n_target
-        out.append(TokenizedExample(ids, labels, routing_label(chat), rec["id"]))
+        out.append(TokenizedExample(fit.input_ids, fit.labels, routing_label(chat), rec["id"]))
     return out, stats

@@ -205,7 +205,7 @@ def analyze_routing(model, tokenizer, records: list[dict], out_dir: Path, max_se
     vocab = {lab: i for i, lab in enumerate(labels)}
     rows, stats = tokenize_records(labelled, tokenizer, max_seq_len=max_seq_len,
                                    mcq_with_explanation=False)
-    if len({r.label for r in rows}) < 2:  # every record of a label lost its target to truncation
+    if len({r.label for r in rows}) < 2:  # every record of a label was skipped (too long)
         return None
     collate = PadCollator(tokenizer.pad_token_id, vocab)
     batches = [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
@@ -218,7 +218,7 @@ def analyze_routing(model, tokenizer, records: list[dict], out_dir: Path, max_se
                                     f"I(label; top-1 expert) per layer, {len(labels)} labels, "
                                     f"{len(rows)} records"))
     result = {"labels": labels, "records": len(rows), "truncated": stats.truncated,
-              "skipped_no_target": len(stats.skipped_no_target),
+              "skipped": len(stats.skipped),
               "label_counts": {lab: sum(1 for r in rows if r.label == lab) for lab in labels},
               **summary, "images": [str(p) for p in images],
               "top1_counts": {n: top1[i].tolist() for i, n in enumerate(layer_names)},

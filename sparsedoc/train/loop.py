@@ -99,10 +99,16 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
 
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, progress=is_main())
     st = data.stats
-    log.info("data: %d train records -> %d rows (%d truncated, %d skipped: no target within "
-             "max_seq_len=%d), %d eval records", st["train"]["records"], st["train_rows"],
-             st["train"]["truncated"], st["train"]["skipped_no_target"], cfg.data.max_seq_len,
-             st["eval"]["records"])
+    for split in ("train", "eval"):
+        s = st[split]
+        log.info("data %s: %d records -> %d kept, %d shortened to max_seq_len=%d with the "
+                 "target whole (%d turns dropped, %d cut inside a turn), %d skipped%s",
+                 split, s["records"], s["records"] - s["skipped"], s["truncated"],
+                 cfg.data.max_seq_len, s["turns_dropped"], s["turns_cut"], s["skipped"],
+                 "" if not s["skipped"] else ": " + ", ".join(
+                     f"{i} ({why})" for i, why in list(st["skipped_ids"][split].items())[:5])
+                 + (" ..." if s["skipped"] > 5 else ""))
+    log.info("data: %d train rows%s", st["train_rows"], " (packed)" if cfg.data.packing else "")
     collate = make_collator(cfg.data, tokenizer, data.label_vocab)
     loader = train_loader(data.train, collate, cfg.train.micro_batch_size, rank, world,
                           cfg.train.seed, cfg.data.num_workers, cfg.data.group_by_length)
@@ -258,6 +264,10 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
                "eval_loss_start": first_eval, "eval_loss_final": final_eval,
                "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum,
                "max_seq_len": cfg.data.max_seq_len, "model": model_path,
+               "data": {split: {k: st[split][k] for k in ("records", "truncated",
+                                                          "turns_dropped", "turns_cut",
+                                                          "skipped")}
+                        for split in ("train", "eval")},
                "final_checkpoint": str(last_ckpt) if last_ckpt else None}
     if is_main():
         fsio.write_json(run_dir / RUN_SUMMARY, summary)  # written last: artifacts.run_finished
