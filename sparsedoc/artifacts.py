@@ -151,7 +151,7 @@ class Loaded:
     model) are None."""
 
     kind: Kind
-    method: Literal["lora", "prompt", "lora_moe", "full", "base"]
+    method: str  # a name in sparsedoc.methods.METHODS, or "base" for a plain model
     path: str
     base_model: str
     fingerprint: str  # cheap identity of the weight files (path, size, mtime)

@@ -30,6 +30,7 @@ from sparsedoc.models.load import load_model_and_tokenizer, resolve_dtype
 
 log = logging.getLogger("sparsedoc")
 
+
 def _fingerprint(paths: list[Path]) -> str:
     """Cheap identity of the weights (path, size, mtime), so cached predictions of a model that
     was retrained in place are not reused."""
@@ -98,8 +99,7 @@ def _load_checkpoint(art: Artifact, dtype: torch.dtype):
     loaded = dict(kind=art.kind, method=method, path=art.path, checkpoint=str(ckpt),
                   step=art.step, base_model=base_path, seed=cfg.train.seed,
                   run_dir=str(run_dir.resolve()), fingerprint=_fingerprint(weights),
-                  adapter_dir=str(adapter_dir) if method != "full" else None,
-                  name=run_dir.name + (f"@{art.step}" if art.step is not None else ""))
+                  adapter_dir=str(adapter_dir) if method != "full" else None, name=art.name)
     return model, tokenizer, loaded
 
 
@@ -112,7 +112,7 @@ def _load_adapter_folder(art: Artifact, dtype: torch.dtype):
     model = _apply_adapter(model, meta.method, meta.dir)
     loaded = dict(kind="adapter", method=meta.method, path=art.path, base_model=base_path,
                   fingerprint=_fingerprint([meta.dir]), adapter_dir=str(meta.dir),
-                  name=Path(art.path).name)
+                  name=art.name)
     return model, tokenizer, loaded
 
 

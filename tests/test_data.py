@@ -232,8 +232,9 @@ def test_multi_turn_chat_drops_whole_middle_exchanges(tok):
     kept_a = [i for i in range(12) if f"Answer {i}:" in text]
     assert kept_q == kept_a  # exchanges go as pairs: the roles still alternate
     assert kept_q[0] == 0 and kept_q[-2:] == [10, 11]
-    assert kept_q == list(range(kept_q[0], kept_q[0] + 1)) + kept_q[1:]  # one gap
-    assert kept_q[1:] == list(range(kept_q[1], 12))
+    assert kept_q[1:] == list(range(kept_q[1], 12))  # one gap, after the first exchange
+    for i in kept_a[:-1]:  # the earlier answers kept are trained on: they stay whole
+        assert msgs[2 * i + 1]["content"] in text
     assert stats.turns_dropped == 2 * (12 - len(kept_q))
     assert tok.decode(kept(ex.labels)).endswith(msgs[-1]["content"] + "<|im_end|>\n")
     assert len(ex.input_ids) <= 400
@@ -452,3 +453,20 @@ def test_resumed_loader_gives_the_remaining_batches_of_the_epoch(toy_examples, t
     assert len(tail) == len(whole) - 2
     for x, y in zip(tail, whole[2:]):
         assert torch.equal(x, y)
+
+
+def test_earlier_answers_are_never_shortened_only_the_users_turns(tok):
+    """Every assistant turn is trained on, so shortening one would teach a broken answer."""
+    answer = "\n".join(f"answer line {i} with the longer explanation" for i in range(40))
+    msgs = [{"role": "user", "content": "\n".join(f"first question line {i}" for i in range(40))},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "\n".join(f"second question line {i}" for i in range(40))},
+            {"role": "assistant", "content": "The final note."}]
+    rec = {"id": "two-turns", "messages": msgs, "meta": {"source": "t", "task": "qa", "lang": "en"}}
+    full = len(rendered_ids(tok, msgs))
+    (ex,), stats = tokenize_records([rec], tok, max_seq_len=full - 150)  # the answer is the
+    # longest turn: the first one a rule that shortened every prompt-side turn would cut
+    text = tok.decode(ex.input_ids)
+    assert answer in text  # the earlier answer whole
+    assert stats.turns_dropped > 0 and len(ex.input_ids) <= full - 150
+    assert tok.decode(kept(ex.labels)).count("answer line") == 40

@@ -59,7 +59,8 @@ def length_report(records: list[dict], tokenizer, seq_lens: list[int], system_pr
             fit = fit_chat(tokenizer, msgs, seq_len, max_target_len, system_prompt)
             if fit.skip:
                 skipped[rec["id"]] = fit.skip
-            shortened += fit.shortened
+            else:  # as tokenize_records counts: a skipped record is not a shortened one
+                shortened += fit.shortened
         kept = len(records) - len(skipped)
         out[str(seq_len)] = {"fit_whole": fit_whole,
                              "right_truncation_cuts_target": len(records) - fit_whole,

@@ -13,7 +13,8 @@ dialogue converters (ACI-Bench, MTS-Dialog) write one speaker turn a line. The r
 the record fits:
 
 1. drop whole earlier exchanges from the middle, keeping the first and the most recent ones;
-2. then drop lines from the middle of the longest prompt message (the dialogue), keeping its
+2. then drop lines from the middle of the longest user message (the dialogue; an
+   earlier assistant message is trained on, so it is never shortened), keeping its
    start (its first line and about a quarter of what is kept) and its most recent lines (always
    its last line, which in the converted sets holds the instruction);
 3. only when that is not enough, because one turn is itself too long, cut tokens from the middle
@@ -32,6 +33,7 @@ from sparsedoc.data.schema import mcq_to_chat, record_kind, routing_label
 
 IGNORE_INDEX = -100
 HEAD_SHARE = 0.25  # share of the kept prompt budget that goes to the start of a shortened turn list
+MAX_CUTS = 20  # cuts inside one message before its record is skipped as unfittable
 
 
 class TemplateError(ValueError):
@@ -223,8 +225,10 @@ def fit_chat(tokenizer, messages: list[dict], max_seq_len: int, max_target_len: 
                 break
             need += over()
         dropped += len(gone)
-    # 2. lines from the middle of each prompt message, the longest first
-    prompt_side = sorted(range(first, len(msgs) - 1), key=lambda k: -len(msgs[k]["content"]))
+    # 2. lines from the middle of each prompt message, the longest first. Earlier assistant
+    # messages stay as they are: they are labelled too, and a shortened answer would be trained on
+    prompt_side = sorted((k for k in range(first, len(msgs) - 1)
+                          if msgs[k]["role"] != "assistant"), key=lambda k: -len(msgs[k]["content"]))
     for k in prompt_side:
         lines = msgs[k]["content"].split("\n")
         if over() <= 0 or len(lines) < 3:
@@ -241,7 +245,9 @@ def fit_chat(tokenizer, messages: list[dict], max_seq_len: int, max_target_len: 
     # 3. a single turn too long by itself: cut the middle of the longest remaining line
     cut = False
     for k in prompt_side:
-        while over() > 0 and msgs[k]["content"]:
+        for _ in range(MAX_CUTS):  # decoding a cut line and re-encoding it need not shrink it
+            if over() <= 0 or not msgs[k]["content"]:
+                break
             lines = msgs[k]["content"].split("\n")
             i = max(range(len(lines)), key=lambda i: len(lines[i]))
             lines[i] = _cut_middle(tokenizer, lines[i], over())

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from sparsedoc.config import Config
-from sparsedoc.methods.base import Method
+from sparsedoc.methods.peft_adapter import PeftAdapterMethod
 
 
-class LoraMethod(Method):
+class LoraMethod(PeftAdapterMethod):
     name = "lora"
     title = "LoRA"
     summary = "LoRA fine-tuning: one low-rank adapter on the frozen base (peft)"
@@ -27,14 +26,6 @@ class LoraMethod(Method):
         peft_cfg = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
                               target_modules=c.target_modules, task_type="CAUSAL_LM", bias="none")
         return get_peft_model(model, peft_cfg)
-
-    def write_adapter(self, model: nn.Module, out_dir: Path) -> None:
-        # peft's own format: PeftModel.from_pretrained(base, out_dir) loads it.
-        model.save_pretrained(out_dir, safe_serialization=True)
-
-    @classmethod
-    def load_adapter(cls, model: nn.Module, adapter_dir: Path) -> nn.Module:
-        return PeftModel.from_pretrained(model, str(adapter_dir))
 
     @classmethod
     def merged(cls, model: nn.Module) -> nn.Module:

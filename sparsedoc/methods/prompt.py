@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from peft import PeftModel, PromptTuningConfig, PromptTuningInit, get_peft_model
+from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 from torch import nn
 
 from sparsedoc.config import Config
+from sparsedoc.methods.peft_adapter import PeftAdapterMethod
 from sparsedoc.models.load import resolve_model_path
-from sparsedoc.methods.base import Method
 
 
-class PromptMethod(Method):
+class PromptMethod(PeftAdapterMethod):
     name = "prompt"
     title = "prompt tuning"
     summary = "prompt tuning: a trained soft prompt in front of the frozen base"
@@ -30,10 +28,3 @@ class PromptMethod(Method):
         peft_cfg = PromptTuningConfig(task_type="CAUSAL_LM",
                                       num_virtual_tokens=c.num_virtual_tokens, **init)
         return get_peft_model(model, peft_cfg)
-
-    def write_adapter(self, model: nn.Module, out_dir: Path) -> None:
-        model.save_pretrained(out_dir, safe_serialization=True)
-
-    @classmethod
-    def load_adapter(cls, model: nn.Module, adapter_dir: Path) -> nn.Module:
-        return PeftModel.from_pretrained(model, str(adapter_dir))
