@@ -92,3 +92,33 @@ def test_multi_turn_records_give_one_item_per_answer():
     assert [i.reference for i in items] == ["答一", "答二"]
     assert [m["content"] for m in items[1].messages] == ["病例……问题一？", "答一", "问题二？"]
     assert items[0].lang == "zh" and items[0].label == "外科"
+
+
+def test_long_generation_prompt_loses_middle_dialogue_lines_not_its_instruction(tiny_model_dir):
+    """A dialogue longer than the prompt budget is shortened like training data: its first line
+    and its final instruction stay, middle lines go; a budget below the template's own tokens is
+    the only case cut on the left."""
+    from types import SimpleNamespace
+
+    from sparsedoc.eval.generation import GenItem, fit_prompt
+    from sparsedoc.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    lines = ["[doctor] good morning, what brings you in today?"]
+    lines += [f"[patient] line {i}: the pain in my knee started after the {i}th run" for i in range(60)]
+    lines += ["Write the clinical note for this encounter."]
+    item = GenItem("enc-1", [{"role": "user", "content": "\n".join(lines)}], "note", "en")
+    cfg = SimpleNamespace(prompt_format="chat", system_prompt="")
+    whole = tok(tok.apply_chat_template(item.messages, tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False)["input_ids"]
+    budget = len(whole) // 2
+    ids, how = fit_prompt(tok, item, cfg, budget)
+    text = tok.decode(ids)
+    assert how == "shortened" and len(ids) <= budget
+    assert lines[0] in text and lines[-1] in text and lines[-2] in text
+    kept = [ln for ln in lines[1:-1] if ln in text]
+    assert 0 < len(kept) < len(lines) - 2
+    assert text.rstrip().endswith(tok.decode(whole[-3:]).rstrip())  # the generation prompt stays
+    assert fit_prompt(tok, item, cfg, len(whole)) == (list(whole), "")
+    ids, how = fit_prompt(tok, item, cfg, 3)
+    assert how == "truncated" and ids == list(whole[-3:])

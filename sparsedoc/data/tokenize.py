@@ -28,6 +28,7 @@ and named with the reason in ``TokenizeStats.skipped``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from sparsedoc.data.schema import mcq_to_chat, record_kind, routing_label
 
@@ -183,6 +184,82 @@ def _cut_middle(tokenizer, text: str, drop: int) -> str:
     return tokenizer.decode(toks[:head]) + tokenizer.decode(tail)
 
 
+@dataclass
+class Shortened:
+    """A conversation whose prompt side was shortened to fit: the messages, their encoding (what
+    ``encode`` returned for them, the ids first) and what was shortened."""
+
+    messages: list[dict]
+    encoded: tuple
+    turns_dropped: int = 0
+    turn_cut: bool = False
+    over: int = 0  # tokens still over the limit (> 0: the prompt side could not be made to fit)
+
+
+def shorten_prompt(tokenizer, messages: list[dict], last_prompt: int, limit: int,
+                   encode: Callable[[list[dict]], tuple]) -> Shortened:
+    """Shorten the prompt side of ``messages`` (through index ``last_prompt``, the final user
+    message) by the rule in this module's docstring until ``encode(messages)[0]`` has at most
+    ``limit`` ids. Messages after ``last_prompt`` (the target, in training) are never touched.
+    Training (``fit_chat``) and evaluation prompts (``eval.generation``) share it."""
+    msgs = [dict(m) for m in messages]
+    first = 1 if msgs and msgs[0]["role"] == "system" else 0
+    enc = encode(msgs)
+    dropped = 0
+
+    def over() -> int:
+        return len(enc[0]) - limit
+
+    # 1. whole earlier exchanges, as (user, assistant) pairs so that roles keep alternating
+    pairs = [(i, i + 1) for i in range(first, last_prompt - 1, 2)]
+    if (over() > 0 and len(pairs) >= 3 and (last_prompt - first) % 2 == 0
+            and all(msgs[a]["role"] == "user" and msgs[b]["role"] == "assistant" for a, b in pairs)):
+        costs = [sum(_costs(tokenizer, [msgs[a]["content"], msgs[b]["content"]])) for a, b in pairs]
+        base, need = msgs, over()
+        while True:
+            keep = _keep_ends(costs, need)
+            gone = {k for p in range(len(pairs)) if p not in keep for k in pairs[p]}
+            msgs = [m for k, m in enumerate(base) if k not in gone]
+            enc = encode(msgs)
+            if over() <= 0 or len(keep) == 2:
+                break
+            need += over()
+        dropped += len(gone)
+        last_prompt -= len(gone)
+    # 2. lines from the middle of each prompt message, the longest first. Earlier assistant
+    # messages stay as they are: they are labelled too, and a shortened answer would be trained on
+    prompt_side = sorted((k for k in range(first, last_prompt + 1)
+                          if msgs[k]["role"] != "assistant"), key=lambda k: -len(msgs[k]["content"]))
+    for k in prompt_side:
+        lines = msgs[k]["content"].split("\n")
+        if over() <= 0 or len(lines) < 3:
+            continue
+        costs, need = _line_costs(tokenizer, msgs[k]["content"]), over()
+        while True:
+            keep = _keep_ends(costs, need)
+            msgs[k] = {**msgs[k], "content": "\n".join(lines[i] for i in keep)}
+            enc = encode(msgs)
+            if over() <= 0 or len(keep) == 2:
+                break
+            need += over()
+        dropped += len(lines) - len(keep)
+    # 3. a single turn too long by itself: cut the middle of the longest remaining line
+    cut = False
+    for k in prompt_side:
+        for _ in range(MAX_CUTS):  # decoding a cut line and re-encoding it need not shrink it
+            if over() <= 0 or not msgs[k]["content"]:
+                break
+            lines = msgs[k]["content"].split("\n")
+            i = max(range(len(lines)), key=lambda i: len(lines[i]))
+            lines[i] = _cut_middle(tokenizer, lines[i], over())
+            msgs[k] = {**msgs[k], "content": "\n".join(lines)}
+            enc = encode(msgs)
+            cut = True
+            if not any(lines):
+                break
+    return Shortened(msgs, enc, dropped, cut, max(0, over()))
+
+
 def fit_chat(tokenizer, messages: list[dict], max_seq_len: int, max_target_len: int = 0,
              system_prompt: str = "") -> Fitted:
     """Encode one conversation within ``max_seq_len`` tokens, shortening the prompt side by the
@@ -202,66 +279,16 @@ def fit_chat(tokenizer, messages: list[dict], max_seq_len: int, max_target_len: 
     if len(ids) <= max_seq_len:
         return Fitted(ids, labels)
     dropped = len(msgs) - t - 1  # messages after the target carry no loss: they go first
-    msgs = msgs[: t + 1]
-    first = 1 if msgs[0]["role"] == "system" else 0
-    ids, labels = encode_chat(tokenizer, msgs)
-
-    def over() -> int:
-        return len(ids) - max_seq_len
-
-    # 1. whole earlier exchanges, as (user, assistant) pairs so that roles keep alternating
-    final_user = t - 1
-    pairs = [(i, i + 1) for i in range(first, final_user - 1, 2)]
-    if (over() > 0 and len(pairs) >= 3 and (final_user - first) % 2 == 0
-            and all(msgs[a]["role"] == "user" and msgs[b]["role"] == "assistant" for a, b in pairs)):
-        costs = [sum(_costs(tokenizer, [msgs[a]["content"], msgs[b]["content"]])) for a, b in pairs]
-        base, need = msgs, over()
-        while True:
-            keep = _keep_ends(costs, need)
-            gone = {k for p in range(len(pairs)) if p not in keep for k in pairs[p]}
-            msgs = [m for k, m in enumerate(base) if k not in gone]
-            ids, labels = encode_chat(tokenizer, msgs)
-            if over() <= 0 or len(keep) == 2:
-                break
-            need += over()
-        dropped += len(gone)
-    # 2. lines from the middle of each prompt message, the longest first. Earlier assistant
-    # messages stay as they are: they are labelled too, and a shortened answer would be trained on
-    prompt_side = sorted((k for k in range(first, len(msgs) - 1)
-                          if msgs[k]["role"] != "assistant"), key=lambda k: -len(msgs[k]["content"]))
-    for k in prompt_side:
-        lines = msgs[k]["content"].split("\n")
-        if over() <= 0 or len(lines) < 3:
-            continue
-        costs, need = _line_costs(tokenizer, msgs[k]["content"]), over()
-        while True:
-            keep = _keep_ends(costs, need)
-            msgs[k] = {**msgs[k], "content": "\n".join(lines[i] for i in keep)}
-            ids, labels = encode_chat(tokenizer, msgs)
-            if over() <= 0 or len(keep) == 2:
-                break
-            need += over()
-        dropped += len(lines) - len(keep)
-    # 3. a single turn too long by itself: cut the middle of the longest remaining line
-    cut = False
-    for k in prompt_side:
-        for _ in range(MAX_CUTS):  # decoding a cut line and re-encoding it need not shrink it
-            if over() <= 0 or not msgs[k]["content"]:
-                break
-            lines = msgs[k]["content"].split("\n")
-            i = max(range(len(lines)), key=lambda i: len(lines[i]))
-            lines[i] = _cut_middle(tokenizer, lines[i], over())
-            msgs[k] = {**msgs[k], "content": "\n".join(lines)}
-            ids, labels = encode_chat(tokenizer, msgs)
-            cut = True
-            if not any(lines):
-                break
-    if over() > 0:
-        return Fitted([], [], dropped, cut, skip=f"prompt side does not fit beside the "
+    fit = shorten_prompt(tokenizer, msgs[: t + 1], t - 1, max_seq_len,
+                         lambda m: encode_chat(tokenizer, m))
+    ids, labels = fit.encoded
+    dropped += fit.turns_dropped
+    if fit.over:
+        return Fitted([], [], dropped, fit.turn_cut, skip=f"prompt side does not fit beside the "
                       f"{len(target)}-token target: {len(ids)} tokens with every turn shortened")
     if ids[len(ids) - len(target):] != target:  # a bug here would train on a changed note
         raise AssertionError("the target changed while its prompt was shortened")
-    return Fitted(ids, labels, dropped, cut)
+    return Fitted(ids, labels, dropped, fit.turn_cut)
 
 
 def to_chat(record: dict, mcq_with_explanation: bool = True) -> dict:

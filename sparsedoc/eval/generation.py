@@ -21,7 +21,7 @@ import copy
 import importlib.util
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -213,23 +213,43 @@ def gen_prompt_text(item: GenItem, tokenizer, fmt: str, system_prompt: str = "")
     return "\n\n".join(m["content"] for m in item.messages) + "\n\n"
 
 
+def fit_prompt(tokenizer, item: GenItem, cfg, budget: int) -> tuple[list[int], str]:
+    """The prompt's ids within ``budget`` tokens, and how they were made to fit: "" (they did),
+    "shortened" (dialogue turns dropped by the training data's rule, ``data.tokenize.
+    shorten_prompt``, so the instruction at the end and the encounter's start stay) or
+    "truncated" (cut on the left, the last resort)."""
+    from sparsedoc.data.tokenize import shorten_prompt
+    from sparsedoc.eval.prompts import encode, truncate_left
+
+    chat = cfg.prompt_format == "chat"
+
+    def encoded(messages: list[dict]) -> tuple[list[int]]:
+        return (encode(tokenizer, gen_prompt_text(replace(item, messages=messages), tokenizer,
+                                                  cfg.prompt_format, cfg.system_prompt), chat),)
+
+    ids = encoded(item.messages)[0]
+    if len(ids) <= budget:
+        return ids, ""
+    fit = shorten_prompt(tokenizer, item.messages, len(item.messages) - 1, budget, encoded)
+    if not fit.over:
+        return fit.encoded[0], "shortened"
+    return truncate_left(fit.encoded[0], budget)[0], "truncated"
+
+
 def score_generation(model, tokenizer, items: list[GenItem], cfg, cache=None,
                      progress: bool = False) -> tuple[list[dict], dict]:
     """Generate for every item (batched, cached) and score ROUGE (and BERTScore where a scorer
     model is available for the item's language). Returns per-item predictions and statistics."""
     from sparsedoc.eval.cache import run_batched
-    from sparsedoc.eval.prompts import encode, prompt_budget, truncate_left
+    from sparsedoc.eval.prompts import prompt_budget
 
-    chat = cfg.prompt_format == "chat"
     budget = prompt_budget(model, cfg.max_prompt_tokens, cfg.max_new_tokens)
-    prompts, truncated = [], 0
+    prompts, fitted = [], {"shortened": 0, "truncated": 0}
     for it in items:
-        ids, cut = truncate_left(encode(tokenizer, gen_prompt_text(it, tokenizer,
-                                                                   cfg.prompt_format,
-                                                                   cfg.system_prompt), chat),
-                                 budget)
+        ids, how = fit_prompt(tokenizer, it, cfg, budget)
         prompts.append(ids)
-        truncated += cut
+        if how:
+            fitted[how] += 1
     gc = generation_config(model, tokenizer, cfg.max_new_tokens, cfg.greedy)
 
     def fn(idx: list[int]) -> list[dict]:
@@ -244,7 +264,8 @@ def score_generation(model, tokenizer, items: list[GenItem], cfg, cache=None,
     for p, r in zip(preds, rouge):
         p.update(r)
     notes, scorers = add_bertscore(items, preds, cfg)
-    return preds, {"truncated_prompts": truncated, "cached": reused, "notes": notes,
+    return preds, {"shortened_prompts": fitted["shortened"],
+                   "truncated_prompts": fitted["truncated"], "cached": reused, "notes": notes,
                    "bertscore": scorers}
 
 

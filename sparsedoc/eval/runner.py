@@ -97,7 +97,8 @@ def run_task(model, tokenizer, loaded: Loaded, task: Task, cfg: EvalCfg, out: Pa
             model, tokenizer, task.items, cfg, _cache(cfg, out, task, "text", loaded),
             progress=True)
         summary = generation.summarize(task.items, preds, cfg.bootstrap_samples, cfg.seed)
-        summary.update(truncated_prompts=stats["truncated_prompts"], cached=stats["cached"],
+        summary.update(shortened_prompts=stats["shortened_prompts"],
+                       truncated_prompts=stats["truncated_prompts"], cached=stats["cached"],
                        settings=_settings(cfg, "text"), bertscore=stats["bertscore"],
                        rouge={"use_stemmer": True, "zh_tokenization": "characters",
                               "score": "F1"})
