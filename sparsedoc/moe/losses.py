@@ -243,8 +243,9 @@ def label_routing_mi_loss(probs: list[torch.Tensor], record_ids: torch.Tensor,
             gradient), and as the temperature falls ``I`` tends to the top-1's information.
         record_ids: (T,) or (B, S), -1 = padding. record_labels: (R,), -1 = unlabelled.
         queue_vecs: (m, L*E) past prototypes. queue_labels: (m,).
-    Returns the loss (mean over layers, 0 when routing is a perfect function of the label
-    and E = number of labels), the batch's (R, L*E) prototypes (detached, for the queue) and
+    Returns the loss (its value: mean over layers, 0 when routing is a perfect function of the
+    label and E = number of labels; its gradient: that of the value scaled by N / n, the records
+    in the estimate over those in the batch, see below), the batch's (R, L*E) prototypes (detached, for the queue) and
     the number of labelled records in the batch.
     """
     L, E = len(probs), probs[0].shape[-1]
@@ -270,4 +271,13 @@ def label_routing_mi_loss(probs: list[torch.Tensor], record_ids: torch.Tensor,
         return -(p * p.clamp_min(1e-12).log()).sum(-1)
 
     mi = entropy(marginal) - torch.einsum("c,cl->l", share, entropy(given))  # (L,)
-    return 1.0 - mi.mean() / math.log(E), protos.detach(), n
+    value = 1.0 - mi.mean() / math.log(E)
+    # The gradient of I with respect to one record's prototype is its label's pointwise
+    # information, log p(e | l) - log p(e), divided by the N records of the estimate: with the
+    # queue's N ~ 260 against a batch's 4, the LM loss drowned it (docs/method.md, (2b)). The
+    # surrogate keeps that direction at 1/n per batch record, so the weight does not shrink as
+    # the queue grows; the loss's value stays 1 - I / log E.
+    pmi = (given.clamp_min(1e-12).log() - marginal.clamp_min(1e-12).log()).detach()  # (C, L, E)
+    mine = protos[keep].view(n, L, E)
+    surrogate = -(mine * pmi[record_labels[keep]]).sum(-1).mean() / math.log(E)
+    return value.detach() + surrogate - surrogate.detach(), protos.detach(), n
