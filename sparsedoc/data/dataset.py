@@ -175,3 +175,15 @@ def eval_batches(rows: list[TokenizedExample], collate: PadCollator, batch_size:
                               filler=True)
     mine = mine + [filler] * (n_batches * batch_size - len(mine))
     return [collate(mine[i * batch_size:(i + 1) * batch_size]) for i in range(n_batches)]
+
+
+def calibration_batches(rows: list[TokenizedExample], collate: PadCollator, n_batches: int,
+                        batch_size: int, rank: int, world_size: int, seed: int) -> list[dict]:
+    """This rank's share of a seeded sample across the whole training set, for a method that
+    calibrates before training (the MoE's router initialisation). Training files are often
+    sorted by source or label, so the first batches would not do; the sample is the same on
+    every rank, and each rank takes its own rows of it."""
+    n = min(len(rows), n_batches * batch_size * world_size)
+    sample = random.Random(seed).sample(rows, n)
+    return eval_batches(sample, collate, batch_size, rank, world_size)
+

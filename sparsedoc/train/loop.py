@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import shutil
 import sys
 import time
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 
 import torch
@@ -21,7 +21,8 @@ from sparsedoc import fsio
 from sparsedoc import checkpoint as ckpt
 from sparsedoc.artifacts import RUN_CONFIG, RUN_SUMMARY
 from sparsedoc.config import Config, config_to_dict, save_config
-from sparsedoc.data.dataset import eval_batches, make_collator, prepare_data, train_loader
+from sparsedoc.data.dataset import (calibration_batches, eval_batches, make_collator, prepare_data,
+                                    train_loader)
 from sparsedoc.logging import JsonlLogger, MultiLogger, NullLogger, WandbLogger
 from sparsedoc.models.load import (enable_activation_checkpointing, load_model_and_tokenizer,
                                    resolve_dtype)
@@ -70,93 +71,189 @@ def evaluate_loss(engine, batches: list[dict], dev: torch.device) -> float:
     return total / count if count else float("nan")
 
 
-def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
-    """Run (or resume) one training run; returns the run folder, last checkpoint and summary."""
-    import deepspeed
-    from transformers import set_seed
+@dataclass
+class Position:
+    """Where training stands; a checkpoint stores it and a resume restores it."""
 
-    rank, _, world = init_distributed()
-    setup_logging(rank)
-    dev = device()
-    set_seed(cfg.train.seed)  # same seed on every rank: identical adapter init everywhere
-    run_dir = Path(cfg.train.output_dir)
-    dtype = resolve_dtype(cfg.model.dtype)
-    ds = build_ds_config(ds_config, cfg, world, dtype)
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    wandb_id: str = ""
 
-    hf_ds_ref = None
-    if zero_stage(ds) == 3:
-        # Makes from_pretrained build the model already partitioned (zero.Init): an 8B model is
-        # never materialised whole on every rank. Must stay alive while the model is loaded.
-        from transformers.integrations import HfDeepSpeedConfig
-        hf_ds_ref = HfDeepSpeedConfig(ds)  # noqa: F841
-    model, tokenizer, model_path = load_model_and_tokenizer(cfg.model, dtype)
-    model = method.build(model, cfg)
-    if cfg.train.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    n_trainable, n_total = count_parameters(model)
-    log.info("method=%s trainable params: %s of %s (%.3f%%)", method.name, f"{n_trainable:,}",
-             f"{n_total:,}", 100 * n_trainable / n_total)
 
-    data = prepare_data(cfg.data, tokenizer, cfg.train.seed, progress=is_main())
-    st = data.stats
-    for split in ("train", "eval"):
-        s = st[split]
-        log.info("data %s: %d records -> %d kept, %d shortened to max_seq_len=%d with the "
-                 "target whole (%d turns dropped, %d cut inside a turn), %d skipped%s",
-                 split, s["records"], s["records"] - s["skipped"], s["truncated"],
-                 cfg.data.max_seq_len, s["turns_dropped"], s["turns_cut"], s["skipped"],
-                 "" if not s["skipped"] else ": " + ", ".join(
-                     f"{i} ({why})" for i, why in list(st["skipped_ids"][split].items())[:5])
-                 + (" ..." if s["skipped"] > 5 else ""))
-    log.info("data: %d train rows%s", st["train_rows"], " (packed)" if cfg.data.packing else "")
-    collate = make_collator(cfg.data, tokenizer, data.label_vocab)
-    loader = train_loader(data.train, collate, cfg.train.micro_batch_size, rank, world,
-                          cfg.train.seed, cfg.data.num_workers, cfg.data.group_by_length)
-    held_out = eval_batches(data.eval, collate, cfg.train.micro_batch_size, rank, world,
-                            cfg.train.eval_batches)
+class Window:
+    """Sums over the micro-batches since the last log line, reduced over ranks when logged."""
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=method.param_groups(model, cfg.train.lr),
-        config=ds)
+    def __init__(self) -> None:
+        self.loss = self.tokens = self.seconds = 0.0
+        self.micro_batches = self.steps = 0
+        self.extras: dict[str, float] = {}
 
-    # ---- resume -----------------------------------------------------------------------------
-    step, epoch, batch_in_epoch, wandb_id = 0, 0, 0, ""
-    resume_dir = ckpt.resolve_resume(cfg.train.resume_from, run_dir)
-    if resume_dir is not None:
-        state = ckpt.load_checkpoint(engine, resume_dir, rank, method.exclude_frozen_in_checkpoint)
-        step, epoch = state["step"], state["epoch"]
-        batch_in_epoch, wandb_id = state["batch_in_epoch"], state.get("wandb_id", "")
-        log.info("resumed from %s at step %d", resume_dir, step)
+    def add(self, loss: torch.Tensor, batch: dict, extras: dict) -> None:
+        self.loss += float(loss.detach())
+        self.micro_batches += 1
+        self.tokens += float(batch["attention_mask"].sum())
+        for k, v in extras.items():
+            self.extras[k] = self.extras.get(k, 0.0) + float(v)
 
-    if resume_dir is None and method.calibration_batches:
-        # A seeded sample across the whole training set (files are often sorted by source or
-        # label); same sample on every rank, each rank takes its share. A resumed run restores
-        # its calibration from the checkpoint instead.
-        n = min(len(data.train), method.calibration_batches * cfg.train.micro_batch_size * world)
-        sample = random.Random(cfg.train.seed).sample(data.train, n)
-        calib = eval_batches(sample, collate, cfg.train.micro_batch_size, rank, world)
-        method.calibrate(engine, [_to_device(b, dev) for b in calib])
+    def reduce(self, world: int) -> tuple[float, float, float]:
+        """Mean loss, tokens per second and seconds per step, over all ranks."""
+        loss, n, tokens, secs = all_reduce_sum([self.loss, self.micro_batches, self.tokens,
+                                                self.seconds])
+        return loss / n, tokens / (secs / world), secs / world / self.steps
 
-    # ---- run folder and loggers (rank 0) -----------------------------------------------------
-    logger = NullLogger()
-    if is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / RUN_CONFIG)
-        fsio.write_json(run_dir / "ds_config.json", ds)
-        fsio.write_json(run_dir / "data_stats.json", st)
-        for i, manifest in enumerate(data.manifests):
-            shutil.copy(manifest, run_dir / (f"data_manifest_{i}.json" if i else "data_manifest.json"))
-        loggers = [JsonlLogger(run_dir / "metrics.jsonl",
-                               truncate_after_step=step if resume_dir else 0)]
+
+class Trainer:
+    """One training run (or its resumption), in the order it happens: ``setup`` (model, method,
+    data, engine, resume, run folder), ``calibrate``, then ``step`` per micro-batch with
+    ``evaluate`` and ``save`` on their schedules, and ``finish`` (summary). ``fit`` runs them.
+    The method object supplies what differs between methods: build, loss, checkpoint files."""
+
+    def __init__(self, cfg: Config, method: Method, ds_config: str | Path) -> None:
+        self.cfg, self.method, self.ds_config = cfg, method, ds_config
+        self.run_dir = Path(cfg.train.output_dir)
+        self.pos = Position()
+        self.logger = NullLogger()
+        self.resumed_from: Path | None = None
+        self.last_checkpoint: Path | None = None
+        self.first_eval: float | None = None
+        self.last_eval: tuple[int | None, float] = (None, float("nan"))  # (step, loss)
+        self.token_rates: list[float] = []
+        self.step_times: list[float] = []
+
+    # ---- setup ----------------------------------------------------------------------------
+    def setup(self) -> None:
+        import deepspeed
+        from transformers import set_seed
+
+        cfg, method = self.cfg, self.method
+        self.rank, _, self.world = init_distributed()
+        setup_logging(self.rank)
+        self.dev = device()
+        set_seed(cfg.train.seed)  # same seed on every rank: identical adapter init everywhere
+        dtype = resolve_dtype(cfg.model.dtype)
+        self.ds = build_ds_config(self.ds_config, cfg, self.world, dtype)
+
+        if zero_stage(self.ds) == 3:
+            # Makes from_pretrained build the model already partitioned (zero.Init): an 8B model
+            # is never materialised whole on every rank. Must stay alive while the model loads.
+            from transformers.integrations import HfDeepSpeedConfig
+            self.hf_ds_config = HfDeepSpeedConfig(self.ds)
+        model, self.tokenizer, self.model_path = load_model_and_tokenizer(cfg.model, dtype)
+        model = method.build(model, cfg)
+        if cfg.train.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        self.n_trainable, self.n_total = count_parameters(model)
+        log.info("method=%s trainable params: %s of %s (%.3f%%)", method.name,
+                 f"{self.n_trainable:,}", f"{self.n_total:,}",
+                 100 * self.n_trainable / self.n_total)
+
+        self.data = prepare_data(cfg.data, self.tokenizer, cfg.train.seed, progress=is_main())
+        log_data_stats(self.data.stats, cfg)
+        self.collate = make_collator(cfg.data, self.tokenizer, self.data.label_vocab)
+        self.loader = train_loader(self.data.train, self.collate, cfg.train.micro_batch_size,
+                                   self.rank, self.world, cfg.train.seed, cfg.data.num_workers,
+                                   cfg.data.group_by_length)
+        self.held_out = eval_batches(self.data.eval, self.collate, cfg.train.micro_batch_size,
+                                     self.rank, self.world, cfg.train.eval_batches)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=method.param_groups(model, cfg.train.lr), config=self.ds)
+        self.resume()
+
+    def resume(self) -> None:
+        self.resumed_from = ckpt.resolve_resume(self.cfg.train.resume_from, self.run_dir)
+        if self.resumed_from is None:
+            return
+        state = ckpt.load_checkpoint(self.engine, self.resumed_from, self.rank,
+                                     self.method.exclude_frozen_in_checkpoint)
+        self.pos = Position(state["step"], state["epoch"], state["batch_in_epoch"],
+                            state.get("wandb_id", ""))
+        self.last_checkpoint = self.resumed_from
+        log.info("resumed from %s at step %d", self.resumed_from, self.pos.step)
+
+    def open_run_folder(self) -> None:
+        """Rank 0 writes the resolved config, the DeepSpeed JSON, the data report and manifests,
+        and opens the loggers (W&B resumes its own run)."""
+        if not is_main():
+            return
+        cfg, st = self.cfg, self.data.stats
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / RUN_CONFIG)
+        fsio.write_json(self.run_dir / "ds_config.json", self.ds)
+        fsio.write_json(self.run_dir / "data_stats.json", st)
+        for i, manifest in enumerate(self.data.manifests):
+            shutil.copy(manifest, self.run_dir / (f"data_manifest_{i}.json" if i
+                                                  else "data_manifest.json"))
+        loggers = [JsonlLogger(self.run_dir / "metrics.jsonl",
+                               truncate_after_step=self.pos.step if self.resumed_from else 0)]
         if cfg.logging.wandb and cfg.logging.mode != "disabled":
-            wb = WandbLogger(cfg.logging, run_dir, config_to_dict(cfg), resume_id=wandb_id)
-            wandb_id = wb.run_id
+            wb = WandbLogger(cfg.logging, self.run_dir, config_to_dict(cfg),
+                             resume_id=self.pos.wandb_id)
+            self.pos.wandb_id = wb.run_id
             loggers.append(wb)
-        logger = MultiLogger(loggers)
+        self.logger = MultiLogger(loggers)
 
-    def save(at_step: int) -> Path:
-        state = {"step": at_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                 "wandb_id": wandb_id, "world_size": world, "method": method.name}
+    # ---- calibrate ------------------------------------------------------------------------
+    def calibrate(self) -> None:
+        """A method that calibrates before training (the MoE's routers) gets its batches from
+        the data module; a resumed run restores its calibration from the checkpoint instead."""
+        if self.resumed_from is not None or not self.method.calibration_batches:
+            return
+        t = self.cfg.train
+        batches = calibration_batches(self.data.train, self.collate,
+                                      self.method.calibration_batches, t.micro_batch_size,
+                                      self.rank, self.world, t.seed)
+        self.method.calibrate(self.engine, [_to_device(b, self.dev) for b in batches])
+
+    # ---- the steps ------------------------------------------------------------------------
+    def batches(self) -> Iterator[dict]:
+        """Training micro-batches from the current position on, epoch after epoch (the sampler
+        is positioned, so a resumed run continues with the batch it would have seen next)."""
+        while True:
+            self.loader.sampler.set_position(self.pos.epoch, self.pos.batch_in_epoch)
+            for batch in self.loader:
+                self.pos.batch_in_epoch += 1
+                yield _to_device(batch, self.dev)
+            self.pos.epoch, self.pos.batch_in_epoch = self.pos.epoch + 1, 0
+
+    def step(self, batch: dict, window: Window) -> None:
+        """Forward, backward and DeepSpeed's step (which applies the update every
+        ``grad_accum`` micro-batches) for one micro-batch."""
+        loss, extras = self.method.compute_loss(self.engine, batch, self.pos.step)
+        self.engine.backward(loss)
+        self.engine.step()
+        window.add(loss, batch, extras)
+
+    def log_window(self, window: Window) -> None:
+        loss, tokens_per_s, step_time = window.reduce(self.world)
+        metrics = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
+                   "train/tokens_per_s": tokens_per_s, "train/step_time_s": step_time,
+                   "train/epoch": (self.pos.epoch + self.pos.batch_in_epoch
+                                   / self.loader.sampler.batches_per_epoch)}
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        metrics.update({k: v / window.micro_batches for k, v in window.extras.items()})
+        metrics.update(self.method.step_metrics(self.engine.module, self.pos.step))
+        self.logger.log(metrics, self.pos.step)
+        self.token_rates.append(metrics["train/tokens_per_s"])
+        self.step_times.append(metrics["train/step_time_s"])
+        self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+
+    def evaluate(self) -> float:
+        loss = evaluate_loss(self.engine, self.held_out, self.dev)
+        self.last_eval = (self.pos.step, loss)
+        self.logger.log({"eval/loss": loss}, self.pos.step)
+        return loss
+
+    def save(self) -> Path:
+        """A checkpoint at the current step, through the atomic path in ``checkpoint``."""
+        import deepspeed
+
+        engine, method, at_step = self.engine, self.method, self.pos.step
+        state = {"step": at_step, "epoch": self.pos.epoch,
+                 "batch_in_epoch": self.pos.batch_in_epoch, "wandb_id": self.pos.wandb_id,
+                 "world_size": self.world, "method": method.name}
 
         def write_adapter(out: Path) -> None:
             trainable = [p for p in engine.module.parameters() if p.requires_grad]
@@ -167,119 +264,114 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
         images: dict[str, str] = {}
 
         def write_extras(out: Path) -> None:
-            save_config(cfg, out / RUN_CONFIG)
+            save_config(self.cfg, out / RUN_CONFIG)
             images.update(method.on_checkpoint(engine.module, out, at_step))
 
-        final = ckpt.save_checkpoint(engine, run_dir, at_step, state, rank, write_adapter,
-                                     write_extras, method.exclude_frozen_in_checkpoint,
-                                     cfg.train.keep_last)
+        final = ckpt.save_checkpoint(engine, self.run_dir, at_step, state, self.rank,
+                                     write_adapter, write_extras,
+                                     method.exclude_frozen_in_checkpoint, self.cfg.train.keep_last)
         for key, name in images.items():
-            logger.log_image(key, final / name, at_step)
+            self.logger.log_image(key, final / name, at_step)
+        self.last_checkpoint = final
         return final
 
-    # ---- the loop ---------------------------------------------------------------------------
-    from tqdm.auto import tqdm
+    # ---- the run --------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        from tqdm.auto import tqdm
 
-    t = cfg.train
-    engine.train()
-    bar = tqdm(total=t.max_steps, initial=step, desc=f"train {method.name}", disable=not is_main(),
-               dynamic_ncols=True)
-    first_eval, last_eval = None, (None, float("nan"))  # last_eval: (step, loss)
-    if step == 0 and held_out:
-        first_eval = evaluate_loss(engine, held_out, dev)
-        last_eval = (0, first_eval)
-        logger.log({"eval/loss": first_eval}, 0)
-    window = {"loss": 0.0, "n": 0, "tokens": 0.0, "time": 0.0, "steps": 0}
-    extra_sums: dict[str, float] = {}
-    micro, last_ckpt, train_start = 0, resume_dir, time.perf_counter()
-    tick = time.perf_counter()
-    token_rates: list[float] = []
-    step_times: list[float] = []
-    end = min(t.max_steps, t.stop_at) if t.stop_at else t.max_steps
-    while step < end:
-        loader.sampler.set_position(epoch, batch_in_epoch)
-        for batch in loader:
-            batch = _to_device(batch, dev)
-            loss, extras = method.compute_loss(engine, batch, step)
-            engine.backward(loss)
-            engine.step()
+        self.setup()
+        self.calibrate()
+        self.open_run_folder()
+        t, pos = self.cfg.train, self.pos
+        self.engine.train()
+        self.bar = tqdm(total=t.max_steps, initial=pos.step, desc=f"train {self.method.name}",
+                        disable=not is_main(), dynamic_ncols=True)
+        if pos.step == 0 and self.held_out:
+            self.first_eval = self.evaluate()
+        end = min(t.max_steps, t.stop_at) if t.stop_at else t.max_steps
+        window, micro = Window(), 0
+        self.train_start = tick = time.perf_counter()
+        for batch in self.batches() if pos.step < end else ():
+            self.step(batch, window)
             micro += 1
-            batch_in_epoch += 1
-            window["loss"] += float(loss.detach())
-            window["n"] += 1
-            window["tokens"] += float(batch["attention_mask"].sum())
-            for k, v in extras.items():
-                extra_sums[k] = extra_sums.get(k, 0.0) + float(v)
             if micro % t.grad_accum:
                 continue
-            step += 1
+            pos.step += 1
             with torch.no_grad():
-                method.after_optimizer_step(engine.module, step)
-            bar.update(1)
+                self.method.after_optimizer_step(self.engine.module, pos.step)
+            self.bar.update(1)
             now = time.perf_counter()
-            window["time"] += now - tick
-            window["steps"] += 1
+            window.seconds += now - tick
+            window.steps += 1
             tick = now
-            if step % t.log_every == 0 or step == t.max_steps:
-                loss_sum, n, tokens, secs = all_reduce_sum(
-                    [window["loss"], window["n"], window["tokens"], window["time"]])
-                metrics = {"train/loss": loss_sum / n,
-                           "train/lr": engine.get_lr()[0],
-                           "train/tokens_per_s": tokens / (secs / world),
-                           "train/step_time_s": secs / world / window["steps"],
-                           "train/epoch": epoch + batch_in_epoch / loader.sampler.batches_per_epoch}
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    metrics["train/grad_norm"] = float(grad_norm)
-                metrics.update({k: v / window["n"] for k, v in extra_sums.items()})
-                metrics.update(method.step_metrics(engine.module, step))
-                logger.log(metrics, step)
-                token_rates.append(metrics["train/tokens_per_s"])
-                step_times.append(metrics["train/step_time_s"])
-                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-                window = {"loss": 0.0, "n": 0, "tokens": 0.0, "time": 0.0, "steps": 0}
-                extra_sums = {}
-            if held_out and t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                last_eval = (step, evaluate_loss(engine, held_out, dev))
-                logger.log({"eval/loss": last_eval[1]}, step)
+            if pos.step % t.log_every == 0 or pos.step == t.max_steps:
+                self.log_window(window)
+                window = Window()
+            if self.held_out and t.eval_every and (pos.step % t.eval_every == 0
+                                                   or pos.step == t.max_steps):
+                self.evaluate()
                 tick = time.perf_counter()  # eval time is not training time
-            stopping = step >= end
-            if step % t.save_every == 0 or stopping:
-                last_ckpt = save(step)
+            if pos.step % t.save_every == 0 or pos.step >= end:
+                self.save()
                 tick = time.perf_counter()
-            if stopping:
+            if pos.step >= end:
                 break
-        else:  # the epoch ran out before max_steps
-            epoch, batch_in_epoch = epoch + 1, 0
-    bar.close()
+        self.bar.close()
+        return self.finish()
 
-    final_eval = last_eval[1]
-    if held_out and last_eval[0] != step:  # not evaluated at the last step yet
-        final_eval = evaluate_loss(engine, held_out, dev)
-    summary = {"method": method.name, "steps": step, "world_size": world,
-               "trainable_params": n_trainable, "total_params": n_total,
-               "trainable_pct": 100 * n_trainable / n_total,
-               "train_seconds": time.perf_counter() - train_start,
-               "tokens_per_s": _median(token_rates), "step_time_s": _median(step_times),
-               "eval_loss_start": first_eval, "eval_loss_final": final_eval,
-               "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum,
-               "max_seq_len": cfg.data.max_seq_len, "model": model_path,
-               "data": {split: {k: st[split][k] for k in ("records", "truncated",
-                                                          "turns_dropped", "turns_cut",
-                                                          "skipped")}
-                        for split in ("train", "eval")},
-               "final_checkpoint": str(last_ckpt) if last_ckpt else None}
-    if is_main():
-        fsio.write_json(run_dir / RUN_SUMMARY, summary)  # written last: artifacts.run_finished
-        logger.close()
-        log.info("run folder: %s", run_dir.resolve())
-        log.info("metrics:    %s", (run_dir / "metrics.jsonl").resolve())
-        log.info("checkpoint: %s", Path(last_ckpt).resolve() if last_ckpt else None)
-        if first_eval is not None:
-            log.info("held-out loss: %.4f -> %.4f", first_eval, final_eval)
-    barrier()
-    release_cpu_comm_buffers()
-    return TrainResult(run_dir, Path(last_ckpt) if last_ckpt else run_dir, summary)
+    def finish(self) -> TrainResult:
+        """The final held-out loss (if not just measured), the run summary, written last."""
+        cfg, st, step = self.cfg, self.data.stats, self.pos.step
+        final_eval = self.last_eval[1]
+        if self.held_out and self.last_eval[0] != step:  # not evaluated at the last step yet
+            final_eval = evaluate_loss(self.engine, self.held_out, self.dev)
+        last = self.last_checkpoint
+        summary = {"method": self.method.name, "steps": step, "world_size": self.world,
+                   "trainable_params": self.n_trainable, "total_params": self.n_total,
+                   "trainable_pct": 100 * self.n_trainable / self.n_total,
+                   "train_seconds": time.perf_counter() - self.train_start,
+                   "tokens_per_s": _median(self.token_rates),
+                   "step_time_s": _median(self.step_times),
+                   "eval_loss_start": self.first_eval, "eval_loss_final": final_eval,
+                   "micro_batch_size": cfg.train.micro_batch_size,
+                   "grad_accum": cfg.train.grad_accum,
+                   "max_seq_len": cfg.data.max_seq_len, "model": self.model_path,
+                   "data": {split: {k: st[split][k] for k in ("records", "truncated",
+                                                              "turns_dropped", "turns_cut",
+                                                              "skipped")}
+                            for split in ("train", "eval")},
+                   "final_checkpoint": str(last) if last else None}
+        if is_main():
+            fsio.write_json(self.run_dir / RUN_SUMMARY, summary)  # last: artifacts.run_finished
+            self.logger.close()
+            log.info("run folder: %s", self.run_dir.resolve())
+            log.info("metrics:    %s", (self.run_dir / "metrics.jsonl").resolve())
+            log.info("checkpoint: %s", Path(last).resolve() if last else None)
+            if self.first_eval is not None:
+                log.info("held-out loss: %.4f -> %.4f", self.first_eval, final_eval)
+        barrier()
+        release_cpu_comm_buffers()
+        return TrainResult(self.run_dir, Path(last) if last else self.run_dir, summary)
+
+
+def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
+    """Run (or resume) one training run; returns the run folder, last checkpoint and summary."""
+    return Trainer(cfg, method, ds_config).fit()
+
+
+def log_data_stats(st: dict, cfg: Config) -> None:
+    """What the data path kept, shortened and skipped, per split (skipped records by id)."""
+    for split in ("train", "eval"):
+        s = st[split]
+        skipped = list(st["skipped_ids"][split].items())
+        log.info("data %s: %d records -> %d kept, %d shortened to max_seq_len=%d with the "
+                 "target whole (%d turns dropped, %d cut inside a turn), %d skipped%s",
+                 split, s["records"], s["records"] - s["skipped"], s["truncated"],
+                 cfg.data.max_seq_len, s["turns_dropped"], s["turns_cut"], s["skipped"],
+                 "" if not s["skipped"] else ": " + ", ".join(
+                     f"{i} ({why})" for i, why in skipped[:5])
+                 + (" ..." if s["skipped"] > 5 else ""))
+    log.info("data: %d train rows%s", st["train_rows"], " (packed)" if cfg.data.packing else "")
 
 
 def _median(xs: list[float]) -> float | None:
