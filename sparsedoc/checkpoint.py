@@ -23,7 +23,7 @@ import torch
 
 from sparsedoc import fsio
 from sparsedoc.artifacts import TRAINER_STATE, is_checkpoint, list_checkpoints  # noqa: F401 (re-exported)
-from sparsedoc.train.distributed import barrier, is_main
+from sparsedoc.distributed import barrier, is_main
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from sparsedoc.config import Config, ConfigError, load_config, save_config
-from sparsedoc.train.distributed import build_ds_config
+from sparsedoc.distributed import build_ds_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_YAMLS = sorted((REPO / "recipes" / "configs").glob("*.yaml"))

@@ -18,7 +18,7 @@ from sparsedoc.data.dataset import eval_batches, make_collator, prepare_data
 from sparsedoc.data.schema import read_jsonl, write_jsonl
 from sparsedoc.loader import load_trained
 from sparsedoc.data.batch import model_inputs
-from sparsedoc.train.distributed import free_port
+from sparsedoc.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"lora": "lora", "prompt": "prompt", "moe": "lora_moe", "full": "full"}

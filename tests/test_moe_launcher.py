@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sparsedoc.logging import read_metrics
-from sparsedoc.train.distributed import free_port
+from sparsedoc.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

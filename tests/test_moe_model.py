@@ -349,7 +349,7 @@ from transformers import AutoModelForCausalLM
 from sparsedoc.config import load_config
 from sparsedoc.methods.lora_moe import LoraMoEMethod
 from sparsedoc.resources import ds_config_path
-from sparsedoc.train.distributed import build_ds_config, init_distributed
+from sparsedoc.distributed import build_ds_config, init_distributed
 tiny, scale = sys.argv[1], float(sys.argv[2])
 cfg = load_config(None, [f"model.name_or_path={tiny}", f"adapter.moe.router_lr_scale={scale}",
                          "train.lr=0.01", "train.warmup_steps=2", "train.max_steps=6"])
@@ -378,7 +378,7 @@ def test_router_lr_scale_survives_deepspeeds_optimizer_and_schedule(tiny_model_d
     import subprocess
     import sys
 
-    from sparsedoc.train.distributed import free_port
+    from sparsedoc.distributed import free_port
 
     script = tmp_path / "lr.py"
     script.write_text(_ROUTER_LR_SCRIPT)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsedoc.train.distributed import free_port
+from sparsedoc.distributed import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -251,7 +251,9 @@ def measure_gap(routed, dense, tokenizer, records: list[dict], cfg, max_len: int
 def _reload(tmp: Path, mode: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    import sparsedoc.moe.hf  # noqa: F401  (routed: the registered class, no remote code)
+    from sparsedoc.moe.hf import register_auto_classes
+
+    register_auto_classes()  # routed: the registered class, no remote code
 
     model, info = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=dtype,
                                                        output_loading_info=True)

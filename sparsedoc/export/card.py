@@ -58,7 +58,7 @@ def default_load_snippet(mode: str | None) -> str:
     if mode == "routed":
         return ("import sparsedoc\n" + _LOAD_HEAD
                 + "model = sparsedoc.load_pretrained(path, dtype=\"auto\")\n"
-                  "# or: import sparsedoc.moe.hf (registers the model type), then\n"
+                  "# or: from sparsedoc.moe.hf import register_auto_classes; register_auto_classes(), then\n"
                   "# model = AutoModelForCausalLM.from_pretrained(path, dtype=\"auto\")\n"
                 + _LOAD_TAIL)
     return (_LOAD_HEAD + "model = AutoModelForCausalLM.from_pretrained(path, dtype=\"auto\")"

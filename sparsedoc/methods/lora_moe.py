@@ -25,7 +25,7 @@ from sparsedoc.moe.memory_queue import MemoryQueue
 from sparsedoc.moe.record import RoutingRecorder, record_routing
 from sparsedoc.moe.router import TopKRouter
 from sparsedoc.moe.telemetry import RoutingStats
-from sparsedoc.train.distributed import (all_gather_cat, all_gather_rows, all_reduce_sum,
+from sparsedoc.distributed import (all_gather_cat, all_gather_rows, all_reduce_sum,
                                          all_reduce_tensor)
 
 log = logging.getLogger("sparsedoc")

@@ -209,7 +209,9 @@ def load_model_and_tokenizer(cfg: ModelCfg, dtype: torch.dtype | None = None):
     """Return ``(model, tokenizer, path)`` for a model config; the model is on CPU, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    import sparsedoc.moe.hf  # noqa: F401  registers routed LoRA-MoE exports with the Auto classes
+    from sparsedoc.moe.hf import register_auto_classes
+
+    register_auto_classes()  # a routed LoRA-MoE export loads like any model folder
 
     path = resolve_model_path(cfg)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)

@@ -2,9 +2,9 @@
 
 A routed export is an ordinary transformers folder (``config.json`` + sharded safetensors +
 tokenizer) whose ``model_type`` is ``sparsedoc_lora_moe``: a Llama with every targeted linear a
-``LoRAMoELinear`` (or every MLP a ``LoRAMoEFFN``). Importing this module registers the class with
-``AutoConfig`` / ``AutoModelForCausalLM``, so after ``import sparsedoc.moe.hf`` (or through
-``sparsedoc.load_pretrained``) the stock ``from_pretrained`` loads it, with the code of the
+``LoRAMoELinear`` (or every MLP a ``LoRAMoEFFN``). ``register_auto_classes()`` registers the class
+with ``AutoConfig`` / ``AutoModelForCausalLM`` (explicitly: importing this module changes nothing),
+so after it (or through ``sparsedoc.load_pretrained``) the stock ``from_pretrained`` loads it, with the code of the
 installed library: no ``trust_remote_code``, no Python shipped inside the model folder. Without
 sparsedoc, transformers refuses the unknown model type with an error; it never silently loads the
 base model without the experts.
@@ -44,10 +44,13 @@ class SparsedocMoEForCausalLM(LlamaForCausalLM):
         self.requires_grad_(False)
 
 
-AutoConfig.register(MODEL_TYPE, SparsedocMoEConfig, exist_ok=True)
-AutoModelForCausalLM.register(SparsedocMoEConfig, SparsedocMoEForCausalLM, exist_ok=True)
+def register_auto_classes() -> None:
+    """Let ``AutoConfig`` / ``AutoModelForCausalLM`` load routed exports (idempotent)."""
+    AutoConfig.register(MODEL_TYPE, SparsedocMoEConfig, exist_ok=True)
+    AutoModelForCausalLM.register(SparsedocMoEConfig, SparsedocMoEForCausalLM, exist_ok=True)
 
 
 def load_pretrained(path: str, **kwargs):
     """Load a routed sparsedoc export (or any model transformers can load) from ``path``."""
+    register_auto_classes()
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -26,7 +26,7 @@ from sparsedoc.data.dataset import (calibration_batches, eval_batches, make_coll
 from sparsedoc.logging import JsonlLogger, MultiLogger, NullLogger, WandbLogger
 from sparsedoc.models.load import (enable_activation_checkpointing, load_model_and_tokenizer,
                                    resolve_dtype)
-from sparsedoc.train.distributed import (all_reduce_sum, barrier, build_ds_config, device,
+from sparsedoc.distributed import (all_reduce_sum, barrier, build_ds_config, device,
                                          init_distributed, is_main,
                                          release_cpu_comm_buffers, zero_stage)
 from sparsedoc.data.batch import model_inputs

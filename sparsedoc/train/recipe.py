@@ -55,7 +55,7 @@ def dry_run(cfg: Config, ds_template: str, world_size: int) -> dict:
     import torch
 
     from sparsedoc.models.load import resolve_dtype
-    from sparsedoc.train.distributed import build_ds_config
+    from sparsedoc.distributed import build_ds_config
 
     ds = build_ds_config(ds_template, cfg, world_size, resolve_dtype(cfg.model.dtype))
     print(f"# resolved config ({cfg.adapter.method})")
