@@ -22,6 +22,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
+from sparsedoc.errors import UserError
+
 STEP_RE = re.compile(r"^step-(\d+)$")
 MOE_FORMAT = "sparsedoc-lora-moe"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -34,7 +36,7 @@ EMBEDDED_NAMES = ("embedded", "smollm2", "smollm2-135m")  # the bundled default 
 Kind = Literal["run", "checkpoint", "adapter", "hf"]  # hf: a model folder or a hub id
 
 
-class ArtifactError(FileNotFoundError):
+class ArtifactError(UserError, FileNotFoundError):
     """The path is not something sparsedoc can load; the message says what was found."""
 
 
@@ -169,6 +171,17 @@ class Loaded:
         return asdict(self)
 
 
+def looks_local(path: str) -> bool:
+    """Whether a path that does not exist can only be meant as a local folder (absolute, ``./``,
+    ``~``, more parts than ``org/name``, or under an existing folder), not a hub id or
+    ``embedded``: such a path gets a clear "no such folder" instead of a failed hub lookup."""
+    p = Path(path)
+    if path.lower() in EMBEDDED_NAMES:
+        return False
+    return (p.is_absolute() or path.startswith((".", "~")) or len(p.parts) > 2
+            or (len(p.parts) == 2 and p.parent.is_dir()))
+
+
 def locate(path: str | Path) -> Artifact:
     """Recognise ``path``. A run resolves to its latest complete checkpoint; an adapter inside
     a checkpoint knows its checkpoint and run. A path that does not exist is taken as a hub id
@@ -178,9 +191,7 @@ def locate(path: str | Path) -> Artifact:
     p = Path(path)
     if not p.exists():
         text = str(path)
-        local = (p.is_absolute() or text.startswith((".", "~")) or len(p.parts) > 2
-                 or (len(p.parts) == 2 and p.parent.is_dir()))
-        if local and text.lower() not in EMBEDDED_NAMES:
+        if looks_local(text):
             raise ArtifactError(f"{path}: no such folder (expected a training run, checkpoint, "
                                 f"adapter or HF model folder, a hub id, or 'embedded')")
         return Artifact("hf", text)

@@ -17,9 +17,10 @@ from typing import Any, Literal
 import yaml
 
 from sparsedoc import fsio
+from sparsedoc.errors import MissingFile, UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration key or value is invalid; the message names the dotted key."""
 
 
@@ -155,6 +156,7 @@ class DataCfg:
     train_files: list[str] = field(default_factory=lambda: ["sparsedoc/prep/demo/train.jsonl"])
     eval_files: list[str] = field(default_factory=lambda: ["sparsedoc/prep/demo/eval.jsonl"])
     eval_fraction: float = 0.0  # carve a seeded held-out split from train when eval_files is empty
+    encoding: str = "utf-8"  # of the JSONL files; e.g. gb18030 for GBK-encoded Chinese exports
     max_seq_len: int = 512
     # Longest target (the last assistant message, e.g. a note) kept whole, in tokens; a record
     # with a longer one is skipped and named in data_stats.json. Too-long records lose prompt
@@ -397,22 +399,35 @@ def _parse_cli_value(text: str) -> Any:
         return text
 
 
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start}); save the config as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") \
+            from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 cls: type = Config) -> Any:
     """Load a YAML config, apply ``key.sub=value`` overrides, validate, return a ``Config``
     (or another top-level config dataclass given as ``cls``, e.g. ``EvalCfg``).
 
     Raises:
-        ConfigError: unknown key, wrong type or value, malformed override; the key is named.
-        FileNotFoundError: the YAML file does not exist.
+        ConfigError: unknown key, wrong type or value, malformed override, a file that is not
+            UTF-8 YAML; the key (or the file and line) is named.
+        MissingFile: the YAML file does not exist.
     """
     tree: dict = {}
     if path:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        with path.open(encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
+            raise MissingFile(f"config file not found: {path}")
+        loaded = _read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         tree = loaded

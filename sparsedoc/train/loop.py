@@ -99,6 +99,7 @@ def train(cfg: Config, method: Method, ds_config: str | Path) -> TrainResult:
 
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, progress=is_main())
     st = data.stats
+    method.check_data(cfg, st["train_labels"])
     for split in ("train", "eval"):
         s = st[split]
         log.info("data %s: %d records -> %d kept, %d shortened to max_seq_len=%d with the "
