@@ -27,7 +27,7 @@ from sparsedoc.artifacts import (ADAPTER_CONFIG, RUN_CONFIG, Artifact, ArtifactE
 from sparsedoc.config import Config, ModelCfg
 from sparsedoc.methods import UnknownMethod, method_class
 from sparsedoc.models.load import load_model_and_tokenizer, resolve_dtype
-from sparsedoc.safeload import check_torch_files, weights_only_loads
+from sparsedoc.safeload import check_torch_files, check_weight_files, weights_only_loads
 
 log = logging.getLogger("sparsedoc")
 
@@ -107,7 +107,7 @@ def _load_checkpoint(art: Artifact, dtype: torch.dtype):
         if not adapter_dir.is_dir():
             raise ArtifactError(f"{adapter_dir}: missing; checkpoint of a {method} run "
                                 f"without its adapter")
-        check_torch_files(adapter_dir)
+        check_weight_files(adapter_dir)
         model = _apply_adapter(model, method, adapter_dir)
         weights = [adapter_dir]
     run_dir = art.run_dir or ckpt.parents[1]
@@ -122,7 +122,7 @@ def _load_adapter_folder(art: Artifact, dtype: torch.dtype):
     meta = art.adapter
     if not meta.base_model:
         raise ArtifactError(f"{meta.dir / ADAPTER_CONFIG} names no base model")
-    check_torch_files(meta.dir)
+    check_weight_files(meta.dir)
     model, tokenizer, base_path = load_model_and_tokenizer(ModelCfg(name_or_path=meta.base_model),
                                                            dtype)
     model = _apply_adapter(model, meta.method, meta.dir)

@@ -14,6 +14,10 @@ each of its loads (resume, consolidating a full fine-tune) sparsedoc
 2. runs DeepSpeed's loads with weights-only forced on (``weights_only_loads``: torch's
    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``), the same classes allowed, so even a file swapped in after
    the check cannot run code.
+
+Adapter and model folders get the same static check before peft or transformers open them
+(``check_weight_files``), and their safetensors files are checked whole (a truncated copy is
+refused with its name, not with a deserialiser's traceback).
 """
 
 from __future__ import annotations
@@ -40,6 +44,46 @@ DEEPSPEED_GLOBALS = (
 
 class UnsafeFileError(UserError):
     """A file that could run code when loaded, or that cannot be checked, was refused."""
+
+
+class CorruptFileError(UserError, ValueError):
+    """A weights file that is truncated or unreadable."""
+
+
+def safetensors_problem(file: Path, names: set[str] | None = None) -> str | None:
+    """Why ``file`` is not a complete safetensors file (``None`` when it is): the header parses
+    and the data it declares is all there (safetensors checks the size, so a truncated copy is
+    caught), it holds at least one tensor, and every name in ``names``. Reads the header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            keys = set(f.keys())
+    except Exception as e:  # noqa: BLE001  (SafetensorError, OSError: both mean unusable)
+        return (f"weights unreadable: {file.name}: {e} (truncated by an interrupted copy or "
+                f"download?)")
+    if not keys:
+        return f"weights empty: {file.name}"
+    if names and names - keys:
+        return f"weights incomplete: {file.name} lacks {sorted(names - keys)[:3]}"
+    return None
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Refuse an adapter, checkpoint or model folder before anything in it is loaded: a
+    torch file that could run code (``check_torch_files``) or a safetensors file that is
+    truncated or unreadable (``safetensors_problem``). Top level of ``folder`` only.
+
+    Raises:
+        UnsafeFileError: a torch file that could run code.
+        CorruptFileError: a damaged safetensors file.
+    """
+    folder = Path(folder)
+    check_torch_files(folder)
+    for f in sorted(folder.glob("*.safetensors")):
+        why = safetensors_problem(f)
+        if why:
+            raise CorruptFileError(f"{folder}: {why}")
 
 
 def _deepspeed_classes() -> list[type]:

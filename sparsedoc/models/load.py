@@ -23,6 +23,7 @@ from sparsedoc.artifacts import EMBEDDED_NAMES
 from sparsedoc.cachedir import build_once
 from sparsedoc.config import ModelCfg
 from sparsedoc.errors import UserError
+from sparsedoc.safeload import safetensors_problem
 
 log = logging.getLogger(__name__)
 
@@ -136,25 +137,6 @@ def weights_problem(path: Path) -> str | None:
         why = safetensors_problem(path / shard, names)
         if why:
             return why
-    return None
-
-
-def safetensors_problem(file: Path, names: set[str] | None = None) -> str | None:
-    """Why ``file`` is not a complete safetensors file (``None`` when it is): the header parses
-    and the data it declares is all there (safetensors checks the size, so a truncated copy is
-    caught), it holds at least one tensor, and every name in ``names``. Reads the header only."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(file, framework="pt") as f:
-            keys = set(f.keys())
-    except Exception as e:  # noqa: BLE001  (SafetensorError, OSError: both mean unusable)
-        return (f"weights unreadable: {file.name}: {e} (truncated by an interrupted copy or "
-                f"download?)")
-    if not keys:
-        return f"weights empty: {file.name}"
-    if names and names - keys:
-        return f"weights incomplete: {file.name} lacks {sorted(names - keys)[:3]}"
     return None
 
 
