@@ -44,7 +44,7 @@ def _parser(method: str) -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None, method: str
                ) -> tuple[Config, str, argparse.Namespace]:
-    args = _parser(method).parse_args(argv)
+    args = _parser(method).parse_intermixed_args(argv)  # key=value before and after flags
     cfg = load_config(str(recipe_config_path(args.config)),
                       args.overrides + [f"adapter.method={method}"])
     return cfg, str(ds_config_path(args.ds)), args
