@@ -137,7 +137,7 @@ CASES = [
                                            "data.encoding=klingon"],
      r"gbk\.jsonl: unknown text encoding 'klingon' \(data\.encoding\)"),
     ("missing field", "lora", lambda f: [f"data.train_files=[{f['no_meta.jsonl']}]"],
-     r"no_meta\.jsonl:1: field 'meta': expected an object, got 'NoneType'"),
+     r"no_meta\.jsonl:1: field 'meta': expected an object, got nothing \(the field is missing\)"),
     ("empty train split", "lora", lambda f: [f"data.train_files=[{f['empty.jsonl']}]"],
      r"data\.train_files: .*empty\.jsonl holds no records \(an empty split\)"),
     ("empty eval split", "lora", lambda f: [f"data.eval_files=[{f['empty.jsonl']}]"],

@@ -45,6 +45,8 @@ def _where(path: str | os.PathLike | None, line: int | None) -> str:
 def _shown(value: Any) -> str:
     """How an offending value appears in a message: short scalars as they are; longer text only
     by its length, so an error printed to a shared log never carries record text."""
+    if value == "nothing (the field is missing)":
+        return value
     if isinstance(value, str) and len(value) > 24:
         return f"a {len(value)}-character string"
     if isinstance(value, (dict, list)):
@@ -59,7 +61,8 @@ def _require(cond: bool, where: str, field_name: str, expected: str, got: Any = 
 
 
 def _validate_meta(meta: Any, where: str, required: tuple[str, ...]) -> None:
-    _require(isinstance(meta, dict), where, "meta", "an object", type(meta).__name__)
+    _require(isinstance(meta, dict), where, "meta", "an object",
+             "nothing (the field is missing)" if meta is None else type(meta).__name__)
     for key in required:
         _require(isinstance(meta.get(key), str) and meta[key] != "", where, f"meta.{key}",
                  "a non-empty string", meta.get(key))
