@@ -22,10 +22,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
+from sparsedoc.errors import UserError
+
 STEP_RE = re.compile(r"^step-(\d+)$")
 MOE_FORMAT = "sparsedoc-lora-moe"
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.json"
+LATEST = "latest"  # checkpoints/latest: the newest checkpoint's folder name
 RUN_CONFIG = "config.yaml"
 RUN_SUMMARY = "summary.json"  # written last by training: its presence means the run finished
 EVAL_DIR = "eval"  # evaluation results inside a run folder
@@ -34,7 +37,7 @@ EMBEDDED_NAMES = ("embedded", "smollm2", "smollm2-135m")  # the bundled default 
 Kind = Literal["run", "checkpoint", "adapter", "hf"]  # hf: a model folder or a hub id
 
 
-class ArtifactError(FileNotFoundError):
+class ArtifactError(UserError, FileNotFoundError):
     """The path is not something sparsedoc can load; the message says what was found."""
 
 
@@ -47,6 +50,47 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in root.iterdir()
              if (m := STEP_RE.match(p.name)) and (p / TRAINER_STATE).is_file()]
     return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """A run's newest complete checkpoint (None if it has none). ``checkpoints/latest`` (written
+    after each save, for DeepSpeed's tools) must name a complete checkpoint when it exists: one
+    that names a missing or unfinished folder means the run was copied or pruned by hand, and
+    guessing which weights were meant would be wrong.
+
+    Raises:
+        ArtifactError: ``latest`` names no complete checkpoint.
+    """
+    ckpts = list_checkpoints(run_dir)
+    pointer = Path(run_dir) / "checkpoints" / LATEST
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        if not (STEP_RE.match(name) and is_checkpoint(pointer.parent / name)):
+            have = ", ".join(p.name for p in ckpts) or "none"
+            raise ArtifactError(f"{pointer} names {name[:40]!r}, which is not a complete "
+                                f"checkpoint in {pointer.parent} (complete ones: {have}); a "
+                                f"half-copied or pruned run? Name a checkpoint folder "
+                                f"explicitly, or delete {pointer}")
+    return ckpts[-1] if ckpts else None
+
+
+def deepspeed_files_problem(ckpt: Path) -> str | None:
+    """Why the DeepSpeed part of checkpoint ``ckpt`` is incomplete (None when it is not): a
+    model-states file, and one optimizer shard per rank of the run that saved it."""
+    if not any(ckpt.glob("*model_states.pt")):
+        return "no DeepSpeed model states (*model_states.pt)"
+    shards = {int(m.group(1)) for f in ckpt.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")
+              if (m := re.match(r"zero_pp_rank_(\d+)_", f.name))}
+    try:
+        world = int(json.loads((ckpt / TRAINER_STATE).read_text(encoding="utf-8"))
+                    .get("world_size", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return f"{TRAINER_STATE} does not parse"
+    missing = sorted(set(range(world)) - shards) if shards else []
+    if missing:
+        return (f"optimizer shards missing for rank(s) {missing[:8]} of the {world} that saved "
+                f"it (zero_pp_rank_N_mp_rank_00_optim_states.pt)")
+    return None
 
 
 def run_finished(run_dir: str | Path) -> bool:
@@ -169,6 +213,17 @@ class Loaded:
         return asdict(self)
 
 
+def looks_local(path: str) -> bool:
+    """Whether a path that does not exist can only be meant as a local folder (absolute, ``./``,
+    ``~``, more parts than ``org/name``, or under an existing folder), not a hub id or
+    ``embedded``: such a path gets a clear "no such folder" instead of a failed hub lookup."""
+    p = Path(path)
+    if path.lower() in EMBEDDED_NAMES:
+        return False
+    return (p.is_absolute() or path.startswith((".", "~")) or len(p.parts) > 2
+            or (len(p.parts) == 2 and p.parent.is_dir()))
+
+
 def locate(path: str | Path) -> Artifact:
     """Recognise ``path``. A run resolves to its latest complete checkpoint; an adapter inside
     a checkpoint knows its checkpoint and run. A path that does not exist is taken as a hub id
@@ -178,9 +233,7 @@ def locate(path: str | Path) -> Artifact:
     p = Path(path)
     if not p.exists():
         text = str(path)
-        local = (p.is_absolute() or text.startswith((".", "~")) or len(p.parts) > 2
-                 or (len(p.parts) == 2 and p.parent.is_dir()))
-        if local and text.lower() not in EMBEDDED_NAMES:
+        if looks_local(text):
             raise ArtifactError(f"{path}: no such folder (expected a training run, checkpoint, "
                                 f"adapter or HF model folder, a hub id, or 'embedded')")
         return Artifact("hf", text)
@@ -188,12 +241,11 @@ def locate(path: str | Path) -> Artifact:
     if not p.is_dir():
         raise ArtifactError(f"{p}: a file; expected a run, checkpoint, adapter or model folder")
     if is_run(p):
-        ckpts = list_checkpoints(p)
-        if not ckpts:
+        last = latest_checkpoint(p)
+        if last is None:
             raise ArtifactError(f"{p}: a run folder with no complete checkpoint in "
                                 f"{p / 'checkpoints'}")
-        return Artifact("run", str(p), run_dir=p, checkpoint=ckpts[-1],
-                        adapter_dir=ckpts[-1] / "adapter")
+        return Artifact("run", str(p), run_dir=p, checkpoint=last, adapter_dir=last / "adapter")
     if is_checkpoint(p):
         return Artifact("checkpoint", str(p), run_dir=_run_of(p), checkpoint=p,
                         adapter_dir=p / "adapter")

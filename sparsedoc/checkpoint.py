@@ -22,8 +22,11 @@ from pathlib import Path
 import torch
 
 from sparsedoc import fsio
-from sparsedoc.artifacts import TRAINER_STATE, is_checkpoint, list_checkpoints  # noqa: F401 (re-exported)
+from sparsedoc.artifacts import (LATEST, TRAINER_STATE, ArtifactError, deepspeed_files_problem,
+                                 is_checkpoint, latest_checkpoint,
+                                 list_checkpoints)  # noqa: F401 (re-exported)
 from sparsedoc.distributed import barrier, is_main
+from sparsedoc.safeload import check_torch_files, weights_only_loads
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -39,12 +42,11 @@ def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:
     if not resume_from:
         return None
     if resume_from == "auto":
-        ckpts = list_checkpoints(output_dir)
-        return ckpts[-1] if ckpts else None
+        return latest_checkpoint(output_dir)
     path = Path(resume_from)
     if not is_checkpoint(path):
-        raise FileNotFoundError(f"train.resume_from={resume_from}: not a complete sparsedoc "
-                                f"checkpoint (no trainer_state.json)")
+        raise ArtifactError(f"train.resume_from={resume_from}: not a complete sparsedoc "
+                            f"checkpoint (no trainer_state.json)")
     return path
 
 
@@ -93,7 +95,7 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
             shutil.rmtree(final)
         os.replace(tmp, final)
         # DeepSpeed's own tools (zero_to_fp32.py) find the newest tag through this file.
-        fsio.write_text(root / "latest", final.name)
+        fsio.write_text(root / LATEST, final.name)
         _rotate(output_dir, keep_last)
     barrier()
     return final
@@ -107,11 +109,18 @@ def _rotate(output_dir: str | Path, keep_last: int) -> None:
 
 
 def load_checkpoint(engine, ckpt_dir: Path, rank: int, exclude_frozen: bool) -> dict:
-    """Restore engine, optimizer, scheduler and RNG; return the trainer state."""
+    """Restore engine, optimizer, scheduler and RNG; return the trainer state. The folder is
+    checked first (complete, no torch file that could run code: ``sparsedoc.safeload``) and
+    DeepSpeed's loads run weights-only."""
     state = json.loads((ckpt_dir / TRAINER_STATE).read_text())
+    why = deepspeed_files_problem(ckpt_dir)
+    if why:
+        raise ArtifactError(f"{ckpt_dir}: cannot resume, {why}")
+    check_torch_files(ckpt_dir)
     # The folder was renamed after saving: point DeepSpeed at the new name, not the temp tag.
-    load_path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
-                                          load_module_strict=not exclude_frozen)
+    with weights_only_loads():
+        load_path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name,
+                                              load_module_strict=not exclude_frozen)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
     load_rng_state(ckpt_dir, rank)

@@ -8,6 +8,8 @@ a YAML file or on the command line fails at start-up instead of silently trainin
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -17,9 +19,10 @@ from typing import Any, Literal
 import yaml
 
 from sparsedoc import fsio
+from sparsedoc.errors import MissingFile, UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration key or value is invalid; the message names the dotted key."""
 
 
@@ -155,6 +158,7 @@ class DataCfg:
     train_files: list[str] = field(default_factory=lambda: ["sparsedoc/prep/demo/train.jsonl"])
     eval_files: list[str] = field(default_factory=lambda: ["sparsedoc/prep/demo/eval.jsonl"])
     eval_fraction: float = 0.0  # carve a seeded held-out split from train when eval_files is empty
+    encoding: str = "utf-8"  # of the JSONL files; e.g. gb18030 for GBK-encoded Chinese exports
     max_seq_len: int = 512
     # Longest target (the last assistant message, e.g. a note) kept whole, in tokens; a record
     # with a longer one is skipped and named in data_stats.json. Too-long records lose prompt
@@ -211,13 +215,17 @@ class TrainCfg:
 @dataclass
 class LoggingCfg:
     """Where metrics go: rank 0's ``metrics.jsonl`` always, W&B when ``wandb`` is on. Only
-    numbers and plots are logged, never record text (medical data)."""
+    numbers and plots are logged, never record text (medical data): evaluation writes each
+    item's reference and the model's text into ``<task>.json`` only with ``log_samples``.
+    Secrets from the environment (``*_TOKEN``, ``*_KEY``...) never reach a saved or logged
+    config (``sparsedoc.privacy``)."""
 
     wandb: bool = True
     project: str = "sparsedoc"
     run_name: str = ""
     tags: list[str] = field(default_factory=list)
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: WANDB_MODE or offline
+    log_samples: bool = False  # opt in: record and model text in evaluation results
 
 
 @dataclass
@@ -330,16 +338,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]+\s*", value):
             return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {value!r:.60}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError, OverflowError):
+            number = None
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r:.60}")
+        return number
     if tp is str:
         if value is None:
             return ""
@@ -352,7 +361,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # YAML keys may be numbers or null
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown config key '{where}{unknown[0]}'; valid keys"
@@ -387,6 +396,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any, cls: type) -> None:
                 raise ConfigError(f"'{'.'.join(parts[:i + 1])}' is a value, not a section; "
                                   f"cannot set '{dotted}'")
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"'{'.'.join(parts[:i + 1])}' is a section, set to "
+                                  f"{node!r:.40} in the file; cannot set '{dotted}'")
 
 
 def _parse_cli_value(text: str) -> Any:
@@ -397,22 +409,35 @@ def _parse_cli_value(text: str) -> Any:
         return text
 
 
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start}); save the config as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") \
+            from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 cls: type = Config) -> Any:
     """Load a YAML config, apply ``key.sub=value`` overrides, validate, return a ``Config``
     (or another top-level config dataclass given as ``cls``, e.g. ``EvalCfg``).
 
     Raises:
-        ConfigError: unknown key, wrong type or value, malformed override; the key is named.
-        FileNotFoundError: the YAML file does not exist.
+        ConfigError: unknown key, wrong type or value, malformed override, a file that is not
+            UTF-8 YAML; the key (or the file and line) is named.
+        MissingFile: the YAML file does not exist.
     """
     tree: dict = {}
     if path:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        with path.open(encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
+            raise MissingFile(f"config file not found: {path}")
+        loaded = _read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         tree = loaded
@@ -429,7 +454,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_to_dict(cfg: Any) -> dict:
-    return asdict(cfg)
+    """The config as plain data, for every place it is saved, printed or logged: a value that
+    is a secret of the environment (an API key pasted into a field) is redacted."""
+    from sparsedoc.privacy import redact_secrets
+
+    return redact_secrets(asdict(cfg))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

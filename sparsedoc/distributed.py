@@ -97,6 +97,9 @@ def device() -> torch.device:
 # optimizer and schedule. "auto" means "fill from the sparsedoc config"; an explicit value that
 # disagrees with the config is an error, and no "auto" may survive.
 
+_SECTIONS = ("bf16", "fp16", "optimizer", "optimizer.params", "scheduler", "scheduler.params",
+             "zero_optimization", "zero_optimization.offload_optimizer",
+             "zero_optimization.offload_param")
 _SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
 
 
@@ -124,14 +127,31 @@ def build_ds_config(template: dict | str | Path, cfg: Config, world_size: int,
     if not isinstance(template, dict):
         path = ds_config_path(str(template))
         try:
-            template = json.loads(path.read_text())
+            template = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text; expected a DeepSpeed JSON file") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(template, dict):
+        raise ConfigError(f"{src}: expected a JSON object of DeepSpeed settings, got "
+                          f"{type(template).__name__}")
+    for dotted in _SECTIONS:  # sections the filling below reads must be objects when present
+        node: Any = template
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and not isinstance(node, dict):
+            raise ConfigError(f"{src}.{dotted}: expected a JSON object, got {node!r:.40}")
     ds = copy.deepcopy(template)
     t = cfg.train
     _check_or_fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, src)
     _check_or_fill(ds, "gradient_accumulation_steps", t.grad_accum, src)
-    _check_or_fill(ds, "train_batch_size", t.micro_batch_size * t.grad_accum * world_size, src)
+    global_batch = t.micro_batch_size * t.grad_accum * world_size
+    if ds.get("train_batch_size", "auto") not in ("auto", global_batch):
+        raise ConfigError(f"{src}.train_batch_size is {ds['train_batch_size']!r} but it must be "
+                          f"train.micro_batch_size {t.micro_batch_size} x train.grad_accum "
+                          f"{t.grad_accum} x {world_size} rank(s) = {global_batch}; set it to "
+                          f"\"auto\" (filled from the config) or change the config")
+    _check_or_fill(ds, "train_batch_size", global_batch, src)
     _check_or_fill(ds, "gradient_clipping", t.max_grad_norm, src)
     for name, want in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
         section = ds.setdefault(name, {"enabled": "auto"})
@@ -184,7 +204,50 @@ def build_ds_config(template: dict | str | Path, cfg: Config, world_size: int,
         raise ConfigError(f"{src}: unresolved \"auto\" at {', '.join(leftover)}; sparsedoc fills "
                           f"batch size, accumulation, precision, optimizer and scheduler values "
                           f"only; set these explicitly")
+    _check_deepspeed(ds, src)
     return ds
+
+
+class _OneRank:
+    """The data-parallel size DeepSpeed's config validation sees (see ``_check_deepspeed``)."""
+
+    def get_data_parallel_world_size(self) -> int:
+        return 1
+
+
+def _check_deepspeed(ds: dict, src: str) -> None:
+    """Refuse what DeepSpeed would refuse later, deep inside ``deepspeed.initialize`` (its own
+    validation: unknown or ill-typed keys, a ZeRO stage above 3, fp16 and bf16 together,
+    ``gradient_allreduce_op: sum`` under ZeRO-3), and the combinations it silently ignores:
+    ``offload_param`` (a ZeRO-3 feature) under stage 0-2, NVMe offload without a path."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    zero = ds.get("zero_optimization", {})
+    # The batch sizes were checked above for the real world size; DeepSpeed validates a
+    # one-rank copy, so a dry run on a laptop checks a cluster's JSON the same way.
+    probe = dict(ds, train_batch_size=ds["train_micro_batch_size_per_gpu"]
+                 * ds["gradient_accumulation_steps"])
+    try:
+        DeepSpeedConfig(probe, mpu=_OneRank())
+    except Exception as e:  # noqa: BLE001  pydantic ValidationError, AssertionError, ValueError
+        errors = getattr(e, "errors", None)
+        if callable(errors):  # pydantic: the offending key and why
+            first = errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ()))
+            msg = f"zero_optimization.{where}: {first.get('msg')}" if where else first.get("msg")
+        else:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{src}: DeepSpeed rejects it: {msg}") from None
+    stage = int(zero.get("stage", 0))
+    if stage < 3 and zero.get("offload_param"):
+        raise ConfigError(f"{src}.zero_optimization.offload_param: offloading parameters needs "
+                          f"ZeRO stage 3 (stage {stage} keeps every parameter on every GPU and "
+                          f"DeepSpeed would ignore it); set stage 3 or remove offload_param")
+    for key in ("offload_param", "offload_optimizer"):
+        section = zero.get(key) or {}
+        if section.get("device") == "nvme" and not section.get("nvme_path"):
+            raise ConfigError(f"{src}.zero_optimization.{key}: device nvme needs nvme_path (a "
+                              f"folder on a local NVMe drive)")
 
 
 def zero_stage(ds: dict) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from sparsedoc.errors import UserError
 from sparsedoc.eval.prompts import encode, prompt_budget, render_chat
 
 _PROBE = "sparsedoc-end-of-turn-probe"
@@ -211,7 +212,7 @@ def generate_main(argv: list[str]) -> int:
             where = f" in {args.prompt_file}" if args.prompt_file else ""
             raise ValueError(f"empty prompt{where}")
         model, tokenizer = load_model(args.model, args.dtype, args.device)
-    except (OSError, ValueError) as e:
+    except (UserError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Several prompts into a file: a progress bar, since interleaved streams would be unreadable.
@@ -252,7 +253,7 @@ def chat_main(argv: list[str]) -> int:
     try:
         opts = _options(args)
         model, tokenizer = load_model(args.model, args.dtype, args.device)
-    except (OSError, ValueError) as e:
+    except (UserError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(CHAT_HELP, file=sys.stderr)

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 from sparsedoc.artifacts import (ADAPTER_CONFIG, RUN_CONFIG, Artifact, ArtifactError, Loaded,
-                                 locate)
+                                 deepspeed_files_problem, locate)
 from sparsedoc.config import Config, ModelCfg
 from sparsedoc.methods import UnknownMethod, method_class
 from sparsedoc.models.load import load_model_and_tokenizer, resolve_dtype
+from sparsedoc.safeload import check_torch_files, check_weight_files, weights_only_loads
 
 log = logging.getLogger("sparsedoc")
 
@@ -56,21 +57,26 @@ def _apply_adapter(model, method: str, adapter_dir: Path):
     try:
         return method_class(method).load_adapter(model, adapter_dir)
     except UnknownMethod as e:
-        raise ValueError(f"{adapter_dir}: {e}") from None
+        raise ArtifactError(f"{adapter_dir}: {e}") from None
 
 
 def _load_full(model, ckpt: Path) -> None:
     """Consolidate a ZeRO checkpoint (any stage) into fp32 weights and load them exactly."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    why = deepspeed_files_problem(ckpt)
+    if why:
+        raise ArtifactError(f"{ckpt}: cannot consolidate the full fine-tune, {why}")
+    check_torch_files(ckpt)
+    with weights_only_loads():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     expected = set(model.state_dict())
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     missing = sorted(expected - set(state) - tied)
     extra = sorted(set(state) - expected)
     if missing or extra:
-        raise ValueError(f"{ckpt}: consolidated weights do not match the model; missing "
-                         f"{missing[:5]}, unexpected {extra[:5]}")
+        raise ArtifactError(f"{ckpt}: consolidated weights do not match the model; missing "
+                            f"{missing[:5]}, unexpected {extra[:5]}")
     dtype = next(model.parameters()).dtype
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     if tied:
@@ -84,6 +90,14 @@ def _load_checkpoint(art: Artifact, dtype: torch.dtype):
                             f"folder; cannot tell which base model and method made it")
     cfg: Config = art.config()
     method = cfg.adapter.method
+    if cfg.model.trust_remote_code:
+        # The run's config was written by whoever trained it, not by the user loading it here.
+        raise ArtifactError(f"{art.config_file}: sets model.trust_remote_code=true; loading "
+                            f"this {art.kind} would run Python code from "
+                            f"{cfg.model.name_or_path}, which sparsedoc never does on an "
+                            f"artifact's say-so. Check that code, then load the base model "
+                            f"yourself")
+    check_torch_files(ckpt)
     model, tokenizer, base_path = load_model_and_tokenizer(cfg.model, dtype)
     adapter_dir = ckpt / "adapter"
     if method == "full":
@@ -91,8 +105,9 @@ def _load_checkpoint(art: Artifact, dtype: torch.dtype):
         weights = [ckpt]
     else:
         if not adapter_dir.is_dir():
-            raise FileNotFoundError(f"{adapter_dir}: missing; checkpoint of a {method} run "
-                                    f"without its adapter")
+            raise ArtifactError(f"{adapter_dir}: missing; checkpoint of a {method} run "
+                                f"without its adapter")
+        check_weight_files(adapter_dir)
         model = _apply_adapter(model, method, adapter_dir)
         weights = [adapter_dir]
     run_dir = art.run_dir or ckpt.parents[1]
@@ -106,7 +121,8 @@ def _load_checkpoint(art: Artifact, dtype: torch.dtype):
 def _load_adapter_folder(art: Artifact, dtype: torch.dtype):
     meta = art.adapter
     if not meta.base_model:
-        raise ValueError(f"{meta.dir / ADAPTER_CONFIG} names no base model")
+        raise ArtifactError(f"{meta.dir / ADAPTER_CONFIG} names no base model")
+    check_weight_files(meta.dir)
     model, tokenizer, base_path = load_model_and_tokenizer(ModelCfg(name_or_path=meta.base_model),
                                                            dtype)
     model = _apply_adapter(model, meta.method, meta.dir)
@@ -127,6 +143,8 @@ def load_trained(path: str, dtype: str = "auto", device: str = "auto"):
     elif art.kind == "adapter":
         model, tokenizer, fields = _load_adapter_folder(art, torch_dtype)
     else:
+        if Path(art.path).is_dir():
+            check_torch_files(art.path)
         model, tokenizer, base_path = load_model_and_tokenizer(ModelCfg(name_or_path=art.path),
                                                                torch_dtype)
         method = "lora_moe" if model.config.model_type == "sparsedoc_lora_moe" else "base"

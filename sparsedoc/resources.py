@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sparsedoc.errors import MissingFile
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 RECIPE_CONFIGS = PACKAGE_DIR / "recipes" / "configs"
 DS_CONFIGS = PACKAGE_DIR / "ds_configs"
@@ -43,7 +45,7 @@ def _bundled_or_path(name_or_path: str, folder: Path, suffix: str, what: str) ->
     p = resolve_path(name_or_path)
     if not p.is_file():
         names = ", ".join(sorted(f.stem for f in folder.glob(f"*{suffix}")))
-        raise FileNotFoundError(f"{what} not found: {name_or_path} (bundled names: {names})")
+        raise MissingFile(f"{what} not found: {name_or_path} (bundled names: {names})")
     return p
 
 

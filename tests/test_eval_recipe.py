@@ -47,7 +47,8 @@ def _evaluate(*args: str) -> subprocess.CompletedProcess:
 def first_run(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     proc = _evaluate("--tasks", ",".join(TASKS), "--limit", str(LIMIT), "--data-root",
-                     str(data_root), "--out", str(out), "max_new_tokens=16")
+                     str(data_root), "--out", str(out), "max_new_tokens=16",
+                     "logging.log_samples=true")  # references and outputs, read back below
     return out, proc.stdout
 
 

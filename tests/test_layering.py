@@ -11,7 +11,8 @@ PKG = Path(__file__).resolve().parents[1] / "sparsedoc"
 
 # bottom to top; a unit is a top-level module or subpackage of sparsedoc
 LAYERS = [
-    {"fsio", "resources", "cachedir"},
+    {"errors", "fsio", "resources", "cachedir", "privacy"},
+    {"safeload"},
     {"config"},
     {"artifacts", "distributed", "logging"},
     {"moe"},

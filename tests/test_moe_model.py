@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from sparsedoc.artifacts import ArtifactError
 from sparsedoc.config import Config, ConfigError, MoECfg, load_config
 from sparsedoc.data.collate import PackCollator, PadCollator, pack_examples
 from sparsedoc.data.dataset import prepare_data
@@ -302,7 +303,7 @@ def test_adapter_load_rejects_corrupt_or_mismatched(tiny_model_dir, toy_data, tm
     method, model = built(cfg, tiny_model_dir)
     method.write_adapter(model, tmp_path / "a")
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="cannot read safetensors"):
+    with pytest.raises(ArtifactError, match="cannot read safetensors"):
         load_moe_adapter(load_tiny(tiny_model_dir), tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_moe_adapter(load_tiny(tiny_model_dir), tmp_path / "missing")

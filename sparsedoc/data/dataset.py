@@ -8,6 +8,7 @@ run would have seen after the same number of steps.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -15,9 +16,9 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from sparsedoc.config import DataCfg
+from sparsedoc.config import ConfigError, DataCfg
 from sparsedoc.data.collate import PackCollator, PadCollator, pack_examples
-from sparsedoc.data.schema import read_jsonl, routing_label
+from sparsedoc.data.schema import RecordError, read_jsonl, routing_label
 from sparsedoc.data.tokenize import TokenizedExample, TokenizeStats, tokenize_records
 from sparsedoc.resources import resolve_path
 
@@ -35,8 +36,9 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.start_batch = 0, 0
         self.batches_per_epoch = size // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{size} training rows are fewer than one global micro-batch "
-                             f"({batch_size} x {world_size} ranks); lower train.micro_batch_size")
+            raise ConfigError(f"train.micro_batch_size: {size} training rows are fewer than one "
+                              f"global micro-batch ({batch_size} x {world_size} ranks); lower "
+                              f"train.micro_batch_size or add records to data.train_files")
 
     def set_position(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -95,19 +97,27 @@ class PreparedData:
     manifests: list[Path]  # data manifests found beside the training files (mixtures)
 
 
-def load_records(files: list[str]) -> list[dict]:
+def load_records(files: list[str], encoding: str = "utf-8", key: str = "") -> list[dict]:
+    """The records of ``files`` in order. With ``key`` (the config key that names them), a
+    file without a single record is an error naming it: an empty split is a mistake, not a
+    run with nothing to learn or measure."""
     records: list[dict] = []
     for f in files:
-        records += read_jsonl(f)
+        got = read_jsonl(f, encoding=encoding)
+        if key and not got:
+            raise RecordError(f"{key}: {f} holds no records (an empty split); expected unified "
+                              f"JSONL, one record a line")
+        records += got
     return records
 
 
 def split_records(cfg: DataCfg, seed: int) -> tuple[list[dict], list[dict]]:
     """The run's (train, eval) records: ``eval_files``, or a seeded ``eval_fraction`` split."""
-    train_records = load_records(cfg.train_files)
-    if not train_records:
-        raise ValueError(f"data.train_files {cfg.train_files}: no records")
-    eval_records = load_records(cfg.eval_files) if cfg.eval_files else []
+    if not cfg.train_files:
+        raise ConfigError("data.train_files: expected at least one JSONL file")
+    train_records = load_records(cfg.train_files, cfg.encoding, "data.train_files")
+    eval_records = (load_records(cfg.eval_files, cfg.encoding, "data.eval_files")
+                    if cfg.eval_files else [])
     if not eval_records and cfg.eval_fraction > 0:
         rng = random.Random(seed)
         order = list(range(len(train_records)))
@@ -131,12 +141,18 @@ def prepare_data(cfg: DataCfg, tokenizer, seed: int, progress: bool = False) -> 
     train, train_stats = tokenize_records(train_records, tokenizer, **kw)
     evals, eval_stats = tokenize_records(eval_records, tokenizer, **kw) if eval_records else (
         [], TokenizeStats())
+    if not train:
+        why = "; ".join(f"{i}: {r}" for i, r in list(train_stats.skipped.items())[:3])
+        raise RecordError(f"data.train_files: every record was skipped while tokenizing, none "
+                          f"is left to train on ({why}); raise data.max_seq_len or "
+                          f"data.max_target_len")
     if cfg.packing:
         train = pack_examples(train, cfg.max_seq_len)
     manifests = [p for f in cfg.train_files
                  if (p := resolve_path(f).parent / "manifest.json").is_file()]
     stats = {"train": train_stats.as_dict(), "eval": eval_stats.as_dict(),
              "train_rows": len(train), "labels": label_vocab,
+             "train_labels": dict(Counter(routing_label(r) or "" for r in train_records)),
              "skipped_ids": {"train": train_stats.skipped, "eval": eval_stats.skipped}}
     return PreparedData(train, evals, label_vocab, stats, manifests)
 

@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from sparsedoc import fsio
+from sparsedoc.errors import MissingFile, UserError
 from sparsedoc.resources import resolve_path
 
 ROLES = ("system", "user", "assistant")
 OPTION_LETTERS = "ABCDEFGHIJ"
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A record does not match the schema. The message names the file, line and field."""
 
 
@@ -41,14 +42,27 @@ def _where(path: str | os.PathLike | None, line: int | None) -> str:
     return f"{path}:{line}" if line is not None else str(path)
 
 
+def _shown(value: Any) -> str:
+    """How an offending value appears in a message: short scalars as they are; longer text only
+    by its length, so an error printed to a shared log never carries record text."""
+    if value == "nothing (the field is missing)":
+        return value
+    if isinstance(value, str) and len(value) > 24:
+        return f"a {len(value)}-character string"
+    if isinstance(value, (dict, list)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    return f"{value!r:.40}"
+
+
 def _require(cond: bool, where: str, field_name: str, expected: str, got: Any = None) -> None:
     if not cond:
-        got_txt = "" if got is None else f", got {got!r:.80}"
+        got_txt = "" if got is None else f", got {_shown(got)}"
         raise RecordError(f"{where}: field '{field_name}': expected {expected}{got_txt}")
 
 
 def _validate_meta(meta: Any, where: str, required: tuple[str, ...]) -> None:
-    _require(isinstance(meta, dict), where, "meta", "an object", type(meta).__name__)
+    _require(isinstance(meta, dict), where, "meta", "an object",
+             "nothing (the field is missing)" if meta is None else type(meta).__name__)
     for key in required:
         _require(isinstance(meta.get(key), str) and meta[key] != "", where, f"meta.{key}",
                  "a non-empty string", meta.get(key))
@@ -93,7 +107,7 @@ def validate_record(record: Any, where: str = "record") -> str:
         _require(isinstance(opts, dict) and len(opts) >= 2, where, "options",
                  "an object with at least two options")
         for letter, text in opts.items():
-            _require(letter in OPTION_LETTERS, where, f"options.{letter}",
+            _require(len(letter) == 1 and letter in OPTION_LETTERS, where, f"options.{letter}",
                      f"a key among {OPTION_LETTERS}")
             _require(isinstance(text, str), where, f"options.{letter}", "a string", text)
         ans = record.get("answer")
@@ -127,32 +141,71 @@ def routing_label(record: dict) -> str | None:
     return record_label(record) or record.get("meta", {}).get("source")
 
 
-def iter_jsonl(path: str | os.PathLike, validate: bool = True) -> Iterator[dict]:
+def _decode_hint(path, raw: bytes, err: UnicodeDecodeError, encoding: str) -> str:
+    """The message for a data file that is not in ``encoding``: where it fails, and whether it
+    reads as GB18030 / GBK (common in Chinese hospital exports)."""
+    from sparsedoc.prep.records import looks_chinese
+
+    line = raw[:err.start].count(b"\n") + 1
+    msg = (f"{path}:{line}: not {encoding} text (byte 0x{raw[err.start]:02x} at offset "
+           f"{err.start})")
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return msg + "; it starts with a UTF-16 byte-order mark: set data.encoding=utf-16"
+    if encoding.replace("-", "").lower() in ("utf8", "utf8sig"):
+        try:
+            text = raw.decode("gb18030")
+        except UnicodeDecodeError:
+            text = ""
+        if text and looks_chinese(text):
+            return (msg + "; it reads as GB18030/GBK-encoded Chinese: set data.encoding=gb18030, "
+                          "or convert it once with iconv -f gb18030 -t utf-8")
+    return msg + "; set data.encoding to the file's encoding, or convert it to UTF-8"
+
+
+def iter_jsonl(path: str | os.PathLike, validate: bool = True,
+               encoding: str = "utf-8") -> Iterator[dict]:
     """Yield records of a unified JSONL file; a malformed line raises with file and line number.
 
-    Blank lines are allowed and ignored (they carry no record). A bundled file is named by its
-    source-tree path (``sparsedoc/prep/demo/train.jsonl``) and found in the installed package.
+    Blank lines are allowed and ignored (they carry no record); a UTF-8 byte-order mark is
+    skipped. A file in another encoding is refused with a hint (GB18030/GBK is recognised)
+    unless ``encoding`` names it. A bundled file is named by its source-tree path
+    (``sparsedoc/prep/demo/train.jsonl``) and found in the installed package.
+
+    Raises:
+        MissingFile: no such file. RecordError: undecodable text, bad JSON, a schema violation.
     """
     path = resolve_path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file")
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") \
-                    from None
-            if validate:
-                validate_record(record, _where(path, lineno))
-            yield record
+        raise MissingFile(f"{path}: no such data file")
+    raw = path.read_bytes()
+    codec = "utf-8-sig" if encoding.replace("-", "").lower() == "utf8" else encoding
+    try:
+        text = raw.decode(codec)
+    except LookupError:
+        raise RecordError(f"{path}: unknown text encoding {encoding!r} (data.encoding)") from None
+    except UnicodeDecodeError as e:
+        raise RecordError(_decode_hint(path, raw, e, encoding)) from None
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except RecursionError:
+            raise RecordError(f"{path}:{lineno}: JSON nested too deeply to be a record") from None
+        except json.JSONDecodeError as e:
+            cut = " (the file ends mid-record: truncated?)" if lineno == text.count("\n") + 1 \
+                and not text.endswith("\n") else ""
+            raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})"
+                              f"{cut}") from None
+        if validate:
+            validate_record(record, _where(path, lineno))
+        yield record
 
 
-def read_jsonl(path: str | os.PathLike, validate: bool = True) -> list[dict]:
+def read_jsonl(path: str | os.PathLike, validate: bool = True,
+               encoding: str = "utf-8") -> list[dict]:
     """All records of a unified JSONL file, validated; duplicate ids are an error."""
-    records = list(iter_jsonl(path, validate=validate))
+    records = list(iter_jsonl(path, validate=validate, encoding=encoding))
     seen: dict[str, int] = {}
     for i, r in enumerate(records):
         if r.get("id") in seen:

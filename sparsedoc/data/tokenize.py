@@ -31,14 +31,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from sparsedoc.data.schema import mcq_to_chat, record_kind, routing_label
+from sparsedoc.errors import UserError
 
 IGNORE_INDEX = -100
 HEAD_SHARE = 0.25  # share of the kept prompt budget that goes to the start of a shortened turn list
 MAX_CUTS = 20  # cuts inside one message before its record is skipped as unfittable
 
 
-class TemplateError(ValueError):
-    """The chat template does not render prefixes as prefixes; masking would be wrong."""
+class TemplateError(UserError, ValueError):
+    """The tokenizer has no chat template, or its template does not render prefixes as
+    prefixes (masking would be wrong)."""
 
 
 @dataclass
@@ -70,6 +72,17 @@ class TokenizeStats:
                 "turns_dropped": self.turns_dropped, "turns_cut": self.turns_cut,
                 "skipped": len(self.skipped), "tokens": self.tokens,
                 "target_tokens": self.target_tokens}
+
+
+def require_chat_template(tokenizer) -> None:
+    """Training renders every record (MCQ ones too) with the tokenizer's chat template to find
+    the assistant tokens; a tokenizer without one is refused here, naming the model."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(
+            f"model.name_or_path={getattr(tokenizer, 'name_or_path', '?')}: its tokenizer has no "
+            f"chat template (no chat_template.jinja, no 'chat_template' in "
+            f"tokenizer_config.json); sparsedoc trains on chat-formatted records, so use an "
+            f"instruct model's tokenizer or add a chat template to the model folder")
 
 
 def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
@@ -307,6 +320,7 @@ def tokenize_records(records: list[dict], tokenizer, max_seq_len: int, system_pr
     cannot fit are skipped and listed with the reason (never silently dropped)."""
     from tqdm.auto import tqdm
 
+    require_chat_template(tokenizer)
     stats = TokenizeStats()
     out: list[TokenizedExample] = []
     for rec in tqdm(records, desc="tokenize", disable=not progress, leave=False):

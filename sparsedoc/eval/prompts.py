@@ -8,8 +8,10 @@ of a prompt carries the question and the instruction), and the caller counts tha
 
 from __future__ import annotations
 
+from sparsedoc.errors import UserError
 
-class PromptError(ValueError):
+
+class PromptError(UserError, ValueError):
     """The prompt cannot be built as asked (e.g. the chat format on a model with no template)."""
 
 

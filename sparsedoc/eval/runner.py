@@ -2,8 +2,10 @@
 
 Each task file holds the data identity (path, split, sha256, items available and scored), the
 model identity (``sparsedoc.artifacts.Loaded``), the settings, a ``summary`` per scorer, the flat
-``metrics`` the comparison report reads, the time taken, and every item's prediction. Metrics
-(numbers only, never record text) also go to ``<eval dir>/metrics.jsonl`` and W&B.
+``metrics`` the comparison report reads, the time taken, and every item's scores (its reference
+and the model's text too with ``logging.log_samples``). Metrics (numbers only, never record
+text) also go to ``<eval dir>/metrics.jsonl`` and W&B. The resume cache (``.cache/``) keeps the
+model's outputs, never the prompts or references; ``resume=false`` writes none.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from sparsedoc.resources import resolve_path
 
 log = logging.getLogger("sparsedoc")
 
+# per-item text: written into <task>.json only with logging.log_samples (records are medical)
+TEXT_KEYS = ("reference", "prediction", "output")
 # settings that change predictions, per scorer (the cache key and the JSON record them)
 _PROMPT_KEYS = ("prompt_format", "system_prompt", "num_fewshot", "max_prompt_tokens", "dtype")
 
@@ -66,6 +70,7 @@ def run_task(model, tokenizer, loaded: Loaded, task: Task, cfg: EvalCfg, out: Pa
                        "limit": cfg.limit, "seed": cfg.seed,
                        "fewshot_path": str(task.fewshot_path) if task.fewshot_path else None},
               "model": loaded.record(), "summary": {}, "metrics": {}, "timing": {}, "notes": []}
+    samples = cfg.logging.log_samples  # text (references, model outputs) only when asked
     items_out = [{"id": it.id, "label": item_label(it)} for it in task.items]
     if task.kind == "mcq":
         scorers = ["loglik", "generate"] if cfg.mcq_scorer == "both" else [cfg.mcq_scorer]
@@ -83,7 +88,7 @@ def run_task(model, tokenizer, loaded: Loaded, task: Task, cfg: EvalCfg, out: Pa
             if scorer == "generate":
                 result["metrics"]["unparsed_generate"] = summary["unparsed"]
             for row, p in zip(items_out, preds):
-                row[scorer] = p
+                row[scorer] = p if samples else {k: v for k, v in p.items() if k not in TEXT_KEYS}
         if any(len(it.answer) > 1 for it in task.items) and "loglik" in scorers:
             result["notes"].append(f"{sum(len(it.answer) > 1 for it in task.items)} "
                                    f"multi-answer items: the loglik scorer picks one letter "
@@ -109,7 +114,10 @@ def run_task(model, tokenizer, loaded: Loaded, task: Task, cfg: EvalCfg, out: Pa
             if k in summary:
                 result["metrics"][k] = summary[k]
         for it, row, p in zip(task.items, items_out, preds):
-            row.update(reference=it.reference, **p)
+            if samples:
+                row.update(reference=it.reference, **p)
+            else:
+                row.update({k: v for k, v in p.items() if k not in TEXT_KEYS})
     result["seconds"] = time.perf_counter() - t0
     result["items"] = items_out
     write_json(out / f"{task.name}.json", result)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sparsedoc.data.schema import read_jsonl, record_kind
+from sparsedoc.errors import UserError
 from sparsedoc.eval.generation import GenItem, gen_items
 from sparsedoc.eval.mcq import MCQItem, is_closed_qa, mcq_item
 
@@ -32,7 +33,7 @@ FEWSHOT_PREFERENCE = ("dev", "train", "validation")
 FOLDER_ALTERNATIVES = {"cmb": ("cmb", "cmb_exam", "cmb_clin")}
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task name or path does not lead to usable data; the message says what to run."""
 
 

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from sparsedoc import fsio
 from sparsedoc.artifacts import RUN_CONFIG, Loaded, read_adapter_meta
+from sparsedoc.errors import UserError
 from sparsedoc.export.build import (ExportError, build_dense, build_merged, build_mixtral,
                                     build_routed, measure_gate_means)
 from sparsedoc.export.verify import (EXACT_ATOL, compare_weights, fp32_exact, greedy_diff,
@@ -479,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                          atol=args.atol, device=args.device)
     try:
         meta = export(args.source, args.out, opts)
-    except ExportError as e:
+    except UserError as e:
         print(f"export FAILED: {e}", file=sys.stderr)
         return 1 if isinstance(e, VerificationError) else 2
     for line in summary_lines(meta):

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from sparsedoc.config import MoECfg
 from sparsedoc.data.batch import model_inputs, real_tokens
+from sparsedoc.errors import UserError
 from sparsedoc.methods import method_class
 from sparsedoc.methods.base import MethodError
 from sparsedoc.moe.ffn import PROJ, LoRALinear, LoRAMoEFFN
@@ -33,7 +34,7 @@ from sparsedoc.moe.layer import LoRAMoELinear
 from sparsedoc.moe.record import record_routing
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export cannot be made or did not verify; the message says which and why."""
 
 

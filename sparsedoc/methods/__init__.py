@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 
+from sparsedoc.errors import UserError
 from sparsedoc.methods.base import Method
 
 # adapter.method -> "module:Class"
@@ -23,7 +24,7 @@ METHODS = {
 ALIASES = {"moe": "lora_moe"}  # accepted on the command line
 
 
-class UnknownMethod(ValueError):
+class UnknownMethod(UserError, ValueError):
     pass
 
 

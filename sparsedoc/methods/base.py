@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sparsedoc.config import Config
+from sparsedoc.errors import UserError
 from sparsedoc.data.batch import model_inputs
 
 
@@ -28,7 +29,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-class MethodError(ValueError):
+class MethodError(UserError, ValueError):
     """A request that does not apply to this method (an export mode, a swept parameter)."""
 
 
@@ -50,6 +51,11 @@ class Method:
 
     def build(self, model: nn.Module, cfg: Config) -> nn.Module:
         raise NotImplementedError
+
+    def check_data(self, cfg: Config, train_labels: dict[str, int]) -> None:
+        """Refuse training data this method cannot learn from (raise a ``UserError``) before
+        anything is written. ``train_labels``: training records per routing label
+        (``schema.routing_label``; records without one are counted under "")."""
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """The optimizer's parameter groups: every trainable parameter at ``lr``."""

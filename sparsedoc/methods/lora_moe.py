@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsedoc.config import Config, MoECfg
+from sparsedoc.config import Config, ConfigError, MoECfg
 from sparsedoc.data.batch import model_inputs, real_tokens
 from sparsedoc.methods.base import Method, MethodError
 from sparsedoc.models.load import resolve_model_path
@@ -111,6 +111,17 @@ class LoraMoEMethod(Method):
                  self.cfg.num_experts, self.cfg.top_k, self.cfg.r, self.dispatch,
                  self.cfg.contrastive, queue_bytes(model) / 2**20)
         return model
+
+    def check_data(self, cfg: Config, train_labels: dict[str, int]) -> None:
+        moe = cfg.adapter.moe
+        labelled = {k: n for k, n in train_labels.items() if k}
+        if moe.contrastive in LABEL_OBJECTIVES and len(labelled) < 2:
+            found = (f"only {next(iter(labelled))!r}" if labelled else "none")
+            raise ConfigError(
+                f"adapter.moe.contrastive={moe.contrastive} contrasts records by label, but the "
+                f"records of data.train_files carry {len(labelled)} distinct label(s) "
+                f"(meta.label, else meta.subject, else meta.source): {found}; expected >= 2. "
+                f"Label the records, or set adapter.moe.contrastive=none (or expert)")
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         """Routers at ``router_lr_scale x lr``, everything else trainable at ``lr``."""

@@ -22,6 +22,8 @@ import torch
 from sparsedoc.artifacts import EMBEDDED_NAMES
 from sparsedoc.cachedir import build_once
 from sparsedoc.config import ModelCfg
+from sparsedoc.errors import UserError
+from sparsedoc.safeload import safetensors_problem
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,6 @@ def check_model_folder(path: Path) -> str | None:
     """Why ``path`` is not a complete HF model folder (``None`` when it is): the config and the
     tokenizer load, and every safetensors shard is there with the tensors its index names (headers
     only, nothing is read). Any error while loading counts as incomplete; its text is the reason."""
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
 
     if not (path / "config.json").is_file():
@@ -109,29 +110,33 @@ def check_model_folder(path: Path) -> str | None:
         AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
         return f"tokenizer does not load: {e}"
+    return weights_problem(path)
+
+
+def weights_problem(path: Path) -> str | None:
+    """Why the weights of model folder ``path`` are not all there (``None`` when they are):
+    every safetensors shard its index names exists, is readable and holds the tensors the index
+    says (headers only); a folder with no safetensors needs a ``pytorch_model*.bin``."""
     index = path / "model.safetensors.index.json"
     shards: dict[str, set[str]] = {}  # file -> the tensor names it must hold
     if (path / "model.safetensors").is_file() or not index.is_file():  # transformers' order
+        if not (path / "model.safetensors").is_file() and any(path.glob("pytorch_model*.bin")):
+            return None  # torch weights: transformers reads them with weights_only=True
         shards["model.safetensors"] = set()
     else:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
+            items = list(weight_map.items())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             return f"{index.name} does not load: {e}"
-        for name, shard in weight_map.items():
-            shards.setdefault(shard, set()).add(name)
+        for name, shard in items:
+            shards.setdefault(str(shard), set()).add(name)
     for shard, names in shards.items():
         if not (path / shard).is_file():
             return f"weights missing: {shard}"
-        try:
-            with safe_open(path / shard, framework="pt") as f:
-                keys = set(f.keys())
-        except Exception as e:  # noqa: BLE001
-            return f"weights unreadable: {shard}: {e}"
-        if not keys:
-            return f"weights empty: {shard}"
-        if names - keys:
-            return f"weights incomplete: {shard} lacks {sorted(names - keys)[:3]}"
+        why = safetensors_problem(path / shard, names)
+        if why:
+            return why
     return None
 
 
@@ -195,6 +200,36 @@ def enable_activation_checkpointing(model) -> None:
     model.config.use_cache = False
 
 
+class ModelError(UserError, OSError):
+    """A model path that is missing, not a model, or not a model sparsedoc can train."""
+
+
+def check_model_source(path: str, key: str = "model.name_or_path") -> None:
+    """Refuse a model path that cannot work, before transformers is asked: a local path that
+    does not exist, a file, a folder without ``config.json`` or without complete weights. A
+    hub id is left to transformers (its failure is wrapped by ``load_model_and_tokenizer``)."""
+    from sparsedoc.artifacts import ADAPTER_CONFIG, TRAINER_STATE, looks_local
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        if looks_local(path):
+            raise ModelError(f"{key}={path}: no such folder; expected an HF model folder "
+                             f"(config.json + weights), a hub id, or 'embedded'")
+        return
+    if not p.is_dir():
+        raise ModelError(f"{key}={path}: a file; expected an HF model folder (config.json + "
+                         f"weights)")
+    if not (p / "config.json").is_file():
+        hint = (" (it is an adapter folder: evaluate, export or generate load it with its base)"
+                if (p / ADAPTER_CONFIG).is_file() else
+                " (it is a sparsedoc checkpoint: resume with train.resume_from)"
+                if (p / TRAINER_STATE).is_file() else "")
+        raise ModelError(f"{key}={path}: not a model folder, no config.json{hint}")
+    why = weights_problem(p)
+    if why:
+        raise ModelError(f"{key}={path}: {why}")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -213,12 +248,28 @@ def load_model_and_tokenizer(cfg: ModelCfg, dtype: torch.dtype | None = None):
 
     register_auto_classes()  # a routed LoRA-MoE export loads like any model folder
 
+    from transformers import AutoConfig
+
     path = resolve_model_path(cfg)
-    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    check_model_source(path)
     dtype = dtype or resolve_dtype(cfg.dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
-        trust_remote_code=cfg.trust_remote_code)
+    # transformers' own failures on a path that passed the checks (a hub id that is not
+    # there, a config of an unknown or non-causal model type) are the input's, not a bug
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        if getattr(config, "is_encoder_decoder", False):
+            raise ModelError(f"model.name_or_path={path}: an encoder-decoder model "
+                             f"({config.model_type}); sparsedoc trains decoder-only causal LMs")
+        tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype,
+            attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
+            trust_remote_code=cfg.trust_remote_code)
+    except ModelError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.name_or_path={path}: cannot be loaded as a causal LM: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, path

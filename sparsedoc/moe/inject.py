@@ -16,6 +16,7 @@ from torch import nn
 
 from sparsedoc import fsio
 from sparsedoc.artifacts import ADAPTER_CONFIG, MOE_FORMAT, ArtifactError, read_adapter_meta
+from sparsedoc.errors import UserError
 from sparsedoc.config import MoECfg
 from sparsedoc.moe.ffn import LoRALinear, LoRAMoEFFN
 from sparsedoc.moe.layer import LoRAMoELinear
@@ -189,22 +190,28 @@ def load_moe_adapter(model: nn.Module, adapter_dir: str | Path) -> MoECfg:
     cfg_path, w_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     for p in (cfg_path, w_path):
         if not p.is_file():
-            raise FileNotFoundError(f"{p}: missing; not a sparsedoc LoRA-MoE adapter folder")
+            raise ArtifactError(f"{p}: missing; not a sparsedoc LoRA-MoE adapter folder")
     adapter = read_adapter_meta(adapter_dir)
     if adapter.method != "lora_moe":
         raise ArtifactError(f"{cfg_path}: a peft {adapter.method} adapter, not a sparsedoc "
                             f"LoRA-MoE one (\"format\": \"{MOE_FORMAT}\")")
     meta = adapter.raw
-    cfg = MoECfg(**adapter.moe)
+    try:
+        cfg = MoECfg(**adapter.moe)
+        trained_on = list(meta["modules"])
+    except (TypeError, KeyError, UserError) as e:
+        raise ArtifactError(f"{cfg_path}: not the adapter_config.json sparsedoc writes ({e})") \
+            from None
     inject_lora_moe(model, cfg, dispatch=meta.get("dispatch", "dense"))
     names = adapter_module_names(model)
-    if names != meta["modules"]:
-        raise ValueError(f"{cfg_path}: adapter was trained on modules {meta['modules'][:3]}..., "
-                         f"this model gives {names[:3]}...")
+    if names != trained_on:
+        raise ArtifactError(f"{cfg_path}: adapter was trained on modules {trained_on[:3]}..., "
+                            f"this model gives {names[:3]}...")
     try:
         weights = load_file(w_path)
     except Exception as e:  # safetensors raises its own error types on corrupt files
-        raise ValueError(f"{w_path}: cannot read safetensors ({e})") from None
+        raise ArtifactError(f"{w_path}: cannot read safetensors ({e}; truncated by an "
+                            f"interrupted copy?)") from None
     expected = adapter_state_dict(model)
     missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing and all(k.endswith(".router.shared_direction") for k in missing):
@@ -213,13 +220,14 @@ def load_moe_adapter(model: nn.Module, adapter_dir: str | Path) -> MoECfg:
         weights.update({k: torch.zeros_like(expected[k]) for k in missing})
         missing = []
     if missing or extra:
-        raise ValueError(f"{w_path}: key mismatch; missing {missing[:5]}, unexpected {extra[:5]}")
+        raise ArtifactError(f"{w_path}: key mismatch; missing {missing[:5]}, unexpected "
+                            f"{extra[:5]}")
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for k, v in weights.items():
             target = params[k]
             if target.shape != v.shape:
-                raise ValueError(f"{w_path}: {k} has shape {tuple(v.shape)}, model expects "
-                                 f"{tuple(target.shape)}")
+                raise ArtifactError(f"{w_path}: {k} has shape {tuple(v.shape)}, model expects "
+                                    f"{tuple(target.shape)}")
             target.copy_(v.to(target.dtype))
     return cfg

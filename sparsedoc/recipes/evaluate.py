@@ -16,10 +16,9 @@ import argparse
 import logging
 import sys
 
-from sparsedoc.config import ConfigError, EvalCfg, load_config
-from sparsedoc.eval.prompts import PromptError
+from sparsedoc.config import EvalCfg, load_config
+from sparsedoc.errors import UserError
 from sparsedoc.eval.runner import evaluate
-from sparsedoc.eval.tasks import TaskError
 
 FLAGS = {"model": "model", "tasks": "tasks", "limit": "limit", "scorer": "mcq_scorer",
          "fewshot": "num_fewshot", "format": "prompt_format", "out": "output_dir",
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides, cls=EvalCfg)
         evaluate(cfg)
-    except (ConfigError, TaskError, PromptError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -149,6 +149,7 @@ class Trainer:
                  100 * self.n_trainable / self.n_total)
 
         self.data = prepare_data(cfg.data, self.tokenizer, cfg.train.seed, progress=is_main())
+        method.check_data(cfg, self.data.stats["train_labels"])
         log_data_stats(self.data.stats, cfg)
         self.collate = make_collator(cfg.data, self.tokenizer, self.data.label_vocab)
         self.loader = train_loader(self.data.train, self.collate, cfg.train.micro_batch_size,

@@ -17,8 +17,9 @@ import sys
 
 import yaml
 
-from sparsedoc.config import Config, ConfigError, config_to_dict, load_config
-from sparsedoc.methods import UnknownMethod, method_class, method_name, new_method
+from sparsedoc.config import Config, config_to_dict, load_config
+from sparsedoc.errors import UserError
+from sparsedoc.methods import method_class, method_name, new_method
 from sparsedoc.resources import ds_config_path, recipe_config_path
 
 
@@ -43,7 +44,7 @@ def _parser(method: str) -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None, method: str
                ) -> tuple[Config, str, argparse.Namespace]:
-    args = _parser(method).parse_args(argv)
+    args = _parser(method).parse_intermixed_args(argv)  # key=value before and after flags
     cfg = load_config(str(recipe_config_path(args.config)),
                       args.overrides + [f"adapter.method={method}"])
     return cfg, str(ds_config_path(args.ds)), args
@@ -69,8 +70,9 @@ def dry_run(cfg: Config, ds_template: str, world_size: int) -> dict:
 
 
 def run_recipe(method: str, argv: list[str] | None = None):
-    """Parse the command line and train ``method`` (or dry-run); config errors exit with the
-    message, not a traceback."""
+    """Parse the command line and train ``method`` (or dry-run). Bad input (a ``UserError``:
+    config, DeepSpeed JSON, model path, data files, checkpoint) exits with status 2 and the
+    message, not a traceback; it is refused before the run folder is written."""
     from sparsedoc.train.loop import train
 
     try:
@@ -78,7 +80,7 @@ def run_recipe(method: str, argv: list[str] | None = None):
         cfg, ds, args = parse_args(argv, method)
         if args.dry_run:
             return dry_run(cfg, ds, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
-    except (ConfigError, FileNotFoundError, UnknownMethod) as e:
+        return train(cfg, new_method(cfg.adapter.method), ds)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return train(cfg, new_method(cfg.adapter.method), ds)
