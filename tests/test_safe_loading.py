@@ -150,3 +150,86 @@ def test_a_model_folder_s_own_code_never_runs_by_default(tmp_path, tiny_model_di
     except UserError as e:
         assert "trust_remote_code" in str(e)
     assert not marker.exists()
+
+
+def test_the_user_s_own_opt_in_does_run_a_model_folder_s_code(tmp_path, tiny_model_dir):
+    """Positive control for the test above: the same folder, loaded with the user's
+    ``--trust-remote-code``, does import its own Python; so the default really is what keeps it
+    out. A run config that asks for remote code loads once the user opts in."""
+    import shutil
+
+    from sparsedoc.loader import load_trained
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    marker = tmp_path / "REMOTE_CODE_RAN"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                    "from transformers import LlamaConfig as EvilConfig\n"
+                                    "from transformers import LlamaForCausalLM as EvilModel\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig",
+                          "AutoModelForCausalLM": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _, loaded = load_trained(str(folder), device="cpu", trust_remote_code=True)
+    assert marker.exists() and loaded.kind == "hf"
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1}))
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(
+        {"model": {"name_or_path": str(tiny_model_dir), "trust_remote_code": True},
+         "adapter": {"method": "lora"}}))
+    with pytest.raises(UserError, match="pass --trust-remote-code"):
+        load_trained(str(ckpt))
+    # past the gate, the next check speaks: this checkpoint has no adapter folder
+    with pytest.raises(UserError, match="adapter: missing"):
+        load_trained(str(ckpt), trust_remote_code=True)
+
+
+BF16_CHECKPOINTS = '''
+import os, sys, torch, deepspeed
+for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1",
+                 LOCAL_RANK="0").items():
+    os.environ.setdefault(k, v)
+torch.manual_seed(0)
+for stage in (2, 3):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    config = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
+              "zero_optimization": {"stage": stage},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+              "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 1}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      config=config)
+    loss = engine(torch.randn(2, 8).to(engine.device).bfloat16()).float().pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+    engine.save_checkpoint(os.path.join(sys.argv[1], f"zero{stage}"))
+'''
+
+
+def test_real_bf16_zero_checkpoints_pass_the_allow_list(tmp_path):
+    """The bf16 ZeRO-2 and ZeRO-3 optimizer states DeepSpeed really writes (the GPU recipe's
+    precision; DeepSpeed's CPU accelerator writes the same objects) name no global beyond the
+    allow-list, so the weights-only resume path accepts them."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "bf16_checkpoints.py"
+    script.write_text(BF16_CHECKPOINTS)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "ck"), str(port)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for stage in (2, 3):
+        files = sorted((tmp_path / "ck" / f"zero{stage}").rglob("*.pt"))
+        assert any("optim_states" in f.name for f in files), files
+        for f in files:
+            assert unsafe_globals(f) == [], f
+        check_torch_files(files[0].parent)
+        with weights_only_loads():
+            optim = torch.load(next(f for f in files if "optim_states" in f.name),
+                               weights_only=False)
+        assert "optimizer_state_dict" in optim

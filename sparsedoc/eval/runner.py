@@ -199,7 +199,7 @@ def evaluate(cfg: EvalCfg) -> dict[str, dict]:
     """Evaluate ``cfg.model`` on ``cfg.tasks``; returns ``{task: result}`` and prints a table."""
     tasks = [load_task(t, cfg.data_root, cfg.split, cfg.limit, cfg.seed, cfg.num_fewshot)
              for t in expand_tasks(cfg.tasks)]  # all data errors surface before model loading
-    model, tokenizer, loaded = load_trained(cfg.model, cfg.dtype, cfg.device)
+    model, tokenizer, loaded = load_trained(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
     out = output_dir(cfg, loaded)
     out.mkdir(parents=True, exist_ok=True)
     logger = _make_logger(cfg, out, loaded)

@@ -84,6 +84,7 @@ class ExportOptions:
     gap_records: int = 64  # dense: held-out records the quality gap is measured on
     gap_max_tokens: int = 512  # dense: calibration and gap records are cut to this length
     device: str = "cpu"
+    trust_remote_code: bool = False  # the user's opt-in to run Python shipped with the base model
 
 
 # ---- the target folder ---------------------------------------------------------------------------
@@ -103,13 +104,14 @@ def _temp_sibling(out: Path) -> Path:
 
 
 # ---- what was trained --------------------------------------------------------------------------
-def _load_source(src: str, device: str):
+def _load_source(src: str, device: str, trust_remote_code: bool = False):
     from sparsedoc.loader import load_trained
 
     from safetensors import SafetensorError
 
     try:
-        return load_trained(src, dtype="fp32", device=device)
+        return load_trained(src, dtype="fp32", device=device,
+                            trust_remote_code=trust_remote_code)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ExportError(f"{src}: cannot load the trained model: {e}") from None
     except SafetensorError as e:  # peft reading a truncated or corrupt adapter file
@@ -308,7 +310,7 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions | None = None) 
     check_target(out, opts.force)
     t0 = time.perf_counter()
     dtype = DTYPES[opts.dtype]
-    model, tokenizer, loaded = _load_source(str(src), opts.device)
+    model, tokenizer, loaded = _load_source(str(src), opts.device, opts.trust_remote_code)
     moe_cfg = _moe_cfg(model, loaded)
     mode = resolve_mode(opts.mode, loaded.method, moe_cfg)
     calib_records, held_out, run_cfg, calib_source = _records(loaded, opts.data, opts.calib_data)
@@ -472,12 +474,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--atol", type=float, default=EXACT_ATOL)
     p.add_argument("--device", default="cpu", help="cpu or cuda (the model is loaded in fp32)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow Python shipped in the base model's folder to run (off by default; "
+                        "read that code first)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     opts = ExportOptions(mode=args.mode, dtype=args.dtype, force=args.force, data=args.data,
                          calib_data=args.calib_data,
                          max_shard_size=args.max_shard_size, samples=args.samples,
-                         atol=args.atol, device=args.device)
+                         atol=args.atol, device=args.device,
+                         trust_remote_code=args.trust_remote_code)
     try:
         meta = export(args.source, args.out, opts)
     except UserError as e:
