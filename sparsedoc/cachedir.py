@@ -21,6 +21,14 @@ from filelock import FileLock, Timeout
 log = logging.getLogger(__name__)
 
 
+def cache_home() -> Path:
+    """sparsedoc's cache folder: ``$SPARSEDOC_CACHE``, else ``$XDG_CACHE_HOME/sparsedoc``
+    (``~/.cache/sparsedoc``). Converted models and tokenized data live under it."""
+    root = os.environ.get("SPARSEDOC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sparsedoc")
+    return Path(root)
+
+
 def build_once(target: Path, build: Callable[[Path], None], check: Callable[[Path], str | None],
                what: str) -> Path:
     """Return ``target``, building it first with ``build(empty folder)`` unless it is complete.

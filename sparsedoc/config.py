@@ -169,8 +169,15 @@ class DataCfg:
     system_prompt: str = ""  # prepended as a system message when a record has none
     mcq_with_explanation: bool = True  # MCQ records train as "Answer: X" + explanation
     num_workers: int = 0
+    # Tokenize each file once into an Arrow cache that every rank memory-maps
+    # (sparsedoc/data/cache.py): "auto" does so when the data files total 16 MiB or more.
+    tokenize_cache: Literal["auto", "on", "off"] = "auto"
+    num_proc: int = 0  # tokenizer processes when building the cache; 0: min(8, CPU count)
+    cache_dir: str = ""  # "": $SPARSEDOC_CACHE/tokenized (~/.cache/sparsedoc/tokenized)
 
     def __post_init__(self) -> None:
+        if self.num_proc < 0:
+            raise ConfigError(f"data.num_proc: expected >= 0, got {self.num_proc}")
         if self.max_seq_len < 16:
             raise ConfigError(f"data.max_seq_len: expected >= 16, got {self.max_seq_len}")
         if not 0 <= self.max_target_len <= self.max_seq_len:

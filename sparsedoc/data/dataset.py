@@ -7,6 +7,7 @@ run would have seen after the same number of steps.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from sparsedoc.config import ConfigError, DataCfg
+from sparsedoc.data.cache import CachedFiles, TokenizedRows, TokenizeSettings, tokenized_files
 from sparsedoc.data.collate import PackCollator, PadCollator, pack_examples
 from sparsedoc.data.schema import RecordError, read_jsonl, routing_label
 from sparsedoc.data.tokenize import TokenizedExample, TokenizeStats, tokenize_records
@@ -119,40 +121,99 @@ def split_records(cfg: DataCfg, seed: int) -> tuple[list[dict], list[dict]]:
     eval_records = (load_records(cfg.eval_files, cfg.encoding, "data.eval_files")
                     if cfg.eval_files else [])
     if not eval_records and cfg.eval_fraction > 0:
-        rng = random.Random(seed)
-        order = list(range(len(train_records)))
-        rng.shuffle(order)
-        n_eval = max(1, int(len(order) * cfg.eval_fraction))
-        eval_records = [train_records[i] for i in sorted(order[:n_eval])]
-        train_records = [train_records[i] for i in sorted(order[n_eval:])]
+        train_idx, eval_idx = _held_out_split(len(train_records), cfg.eval_fraction, seed)
+        train_records, eval_records = ([train_records[i] for i in train_idx],
+                                       [train_records[i] for i in eval_idx])
     return train_records, eval_records
+
+
+AUTO_CACHE_BYTES = 16 << 20  # data.tokenize_cache=auto: the cache pays off from about here
+
+
+def uses_tokenize_cache(cfg: DataCfg) -> bool:
+    if cfg.tokenize_cache != "auto":
+        return cfg.tokenize_cache == "on"
+    files = [resolve_path(f) for f in cfg.train_files + cfg.eval_files]
+    return sum(f.stat().st_size for f in files if f.is_file()) >= AUTO_CACHE_BYTES
 
 
 def prepare_data(cfg: DataCfg, tokenizer, seed: int, progress: bool = False) -> PreparedData:
     """Read, split (if asked), tokenize (target-preserving truncation) and optionally pack the
     train and eval sets. ``stats`` is the run's data report: counts per split, and every
-    skipped record's id with the reason."""
+    skipped record's id with the reason. Large sets go through the tokenize cache
+    (``data.tokenize_cache``, sparsedoc/data/cache.py), which gives the same rows."""
+    if not cfg.train_files:
+        raise ConfigError("data.train_files: expected at least one JSONL file")
+    if uses_tokenize_cache(cfg):
+        return _prepare_cached(cfg, tokenizer, seed)
     train_records, eval_records = split_records(cfg, seed)
     labels = sorted({lab for r in train_records + eval_records if (lab := routing_label(r))})
-    label_vocab = {lab: i for i, lab in enumerate(labels)}
     kw = dict(max_seq_len=cfg.max_seq_len, max_target_len=cfg.max_target_len,
               system_prompt=cfg.system_prompt,
               mcq_with_explanation=cfg.mcq_with_explanation, progress=progress)
     train, train_stats = tokenize_records(train_records, tokenizer, **kw)
     evals, eval_stats = tokenize_records(eval_records, tokenizer, **kw) if eval_records else (
         [], TokenizeStats())
+    train_labels = Counter(routing_label(r) or "" for r in train_records)
+    return _prepared(cfg, train, evals, labels, train_labels, train_stats, eval_stats)
+
+
+def _held_out_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) record numbers of a seeded ``eval_fraction`` split, both in file order."""
+    rng = random.Random(seed)
+    order = list(range(n))
+    rng.shuffle(order)
+    n_eval = max(1, int(n * fraction))
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def _prepare_cached(cfg: DataCfg, tokenizer, seed: int) -> PreparedData:
+    """``prepare_data`` from cached tables: no record is held in Python, the training rows are
+    read from the memory map as batches are drawn."""
+    settings = TokenizeSettings(cfg.max_seq_len, cfg.max_target_len, cfg.system_prompt,
+                                cfg.mcq_with_explanation, cfg.encoding)
+    num_proc = cfg.num_proc or min(8, os.cpu_count() or 1)
+
+    def load(files: list[str], key: str) -> CachedFiles:
+        cached = tokenized_files(files, tokenizer, settings, num_proc, cfg.cache_dir)
+        for f, n in zip(files, cached.rows_per_file):
+            if n == 0:
+                raise RecordError(f"{key}: {f} holds no records (an empty split); expected "
+                                  f"unified JSONL, one record a line")
+        return cached
+
+    train_set = load(cfg.train_files, "data.train_files")
+    eval_set = load(cfg.eval_files, "data.eval_files") if cfg.eval_files else None
+    train_idx, eval_idx = list(range(len(train_set))), None
+    if eval_set is None and cfg.eval_fraction > 0:
+        train_idx, eval_idx = _held_out_split(len(train_set), cfg.eval_fraction, seed)
+        eval_set = train_set
+    record_labels = train_set.column("record_label", train_idx)
+    eval_labels = eval_set.column("record_label", eval_idx) if eval_set is not None else []
+    labels = sorted({lab for lab in record_labels + eval_labels if lab})
+    train = train_set.kept(train_idx)
+    evals = list(eval_set.kept(eval_idx)) if eval_set is not None else []
+    train_stats = train_set.stats(train_idx)
+    eval_stats = eval_set.stats(eval_idx) if eval_set is not None else TokenizeStats()
+    train_labels = Counter(lab or "" for lab in record_labels)
+    return _prepared(cfg, train, evals, labels, train_labels, train_stats, eval_stats)
+
+
+def _prepared(cfg: DataCfg, train, evals, labels: list[str], train_labels: Counter,
+              train_stats: TokenizeStats, eval_stats: TokenizeStats) -> PreparedData:
     if not train:
         why = "; ".join(f"{i}: {r}" for i, r in list(train_stats.skipped.items())[:3])
         raise RecordError(f"data.train_files: every record was skipped while tokenizing, none "
                           f"is left to train on ({why}); raise data.max_seq_len or "
                           f"data.max_target_len")
     if cfg.packing:
-        train = pack_examples(train, cfg.max_seq_len)
+        train = pack_examples(list(train), cfg.max_seq_len)
+    label_vocab = {lab: i for i, lab in enumerate(labels)}
     manifests = [p for f in cfg.train_files
                  if (p := resolve_path(f).parent / "manifest.json").is_file()]
     stats = {"train": train_stats.as_dict(), "eval": eval_stats.as_dict(),
              "train_rows": len(train), "labels": label_vocab,
-             "train_labels": dict(Counter(routing_label(r) or "" for r in train_records)),
+             "train_labels": dict(train_labels),
              "skipped_ids": {"train": train_stats.skipped, "eval": eval_stats.skipped}}
     return PreparedData(train, evals, label_vocab, stats, manifests)
 
@@ -165,7 +226,10 @@ def make_collator(cfg: DataCfg, tokenizer, label_vocab: dict[str, int]) -> PadCo
 def train_loader(rows: list[TokenizedExample], collate: PadCollator, batch_size: int, rank: int,
                  world_size: int, seed: int, num_workers: int = 0,
                  group_by_length: bool = True) -> DataLoader:
-    lengths = [len(r.input_ids) for r in rows] if group_by_length else None
+    lengths = None
+    if group_by_length:  # cached rows know their lengths without reading the tokens
+        lengths = rows.lengths() if isinstance(rows, TokenizedRows) else [
+            len(r.input_ids) for r in rows]
     sampler = ResumableSampler(len(rows), batch_size, rank, world_size, seed, lengths=lengths)
     # Own generator: creating a DataLoader iterator draws a seed from it, and drawing from the
     # global RNG instead would shift the dropout stream of a resumed run.

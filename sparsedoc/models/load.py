@@ -14,13 +14,12 @@ import copy
 import importlib.util
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from sparsedoc.artifacts import EMBEDDED_NAMES
-from sparsedoc.cachedir import build_once
+from sparsedoc.cachedir import build_once, cache_home
 from sparsedoc.config import ModelCfg
 from sparsedoc.errors import UserError
 from sparsedoc.safeload import safetensors_problem
@@ -33,9 +32,7 @@ EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("SPARSEDOC_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sparsedoc")
-    return Path(root)
+    return cache_home()
 
 
 def embedded_gguf_path() -> Path:
