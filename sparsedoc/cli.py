@@ -11,6 +11,7 @@
                                                     --dry-run: print the resolved config and
                                                     DeepSpeed JSON for N GPUs, train nothing
     sparsedoc benchmark [...]                       step time / memory, side by side
+    sparsedoc benchmark --data [--records N]        tokenize cache, 2-rank start-up, RSS
     sparsedoc evaluate --model M --tasks T1,T2 [k=v] benchmark scores -> eval/<task>.json
     sparsedoc report RUN_DIR... [--out DIR]         mean +/- std table, CSV and chart over runs
     sparsedoc generate MODEL --prompt TEXT [...]    reply to prompts (streamed, or --out JSONL)
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         return lengths_main(rest)
     if cmd == "train":
         return _train(rest)
+    if cmd == "benchmark" and "--data" in rest:
+        from sparsedoc.recipes.bench_data import main as bench_data_main
+        return bench_data_main([a for a in rest if a != "--data"])
     if cmd == "benchmark":
         from sparsedoc.recipes.benchmark import main as bench_main
         return bench_main(rest) or 0

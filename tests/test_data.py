@@ -139,6 +139,25 @@ def test_truncation_is_counted_and_records_that_cannot_fit_are_skipped_by_id(tok
     assert stats.as_dict()["skipped"] == 1
 
 
+def test_a_reply_whose_tokens_merge_with_the_template_is_skipped_by_id(tok, tmp_path):
+    """A reply that starts with whitespace merges with the template's "assistant\n" token, so
+    its tokens cannot be located: that record is skipped and named, the others train. A template
+    that breaks every record stops the run, and the message points at the template."""
+    from sparsedoc.config import DataCfg
+    from sparsedoc.data.dataset import prepare_data
+
+    edgy = chat("edgy", "What helps?", "  Rest and fluids.")
+    out, stats = tokenize_records([edgy, chat("plain", "Q?", "A.")], tok, max_seq_len=64)
+    assert [e.record_id for e in out] == ["plain"]
+    assert "message 1 (assistant)" in stats.skipped["edgy"]
+    assert "starts with ' '" in stats.skipped["edgy"]
+    f = tmp_path / "train.jsonl"
+    write_jsonl(f, [edgy, chat("edgy2", "Q?", "  A.")])
+    with pytest.raises(RecordError, match="every record was skipped.*check the model's chat "
+                                          "template"):
+        prepare_data(DataCfg(train_files=[str(f)], eval_files=[]), tok, seed=0)
+
+
 # ---- target-preserving truncation -----------------------------------------------------------
 
 INTRO = "Here is the transcript of a doctor-patient encounter:"

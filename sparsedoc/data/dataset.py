@@ -203,9 +203,10 @@ def _prepared(cfg: DataCfg, train, evals, labels: list[str], train_labels: Count
               train_stats: TokenizeStats, eval_stats: TokenizeStats) -> PreparedData:
     if not train:
         why = "; ".join(f"{i}: {r}" for i, r in list(train_stats.skipped.items())[:3])
+        fix = ("check the model's chat template" if "tokenize as a prefix" in why
+               else "raise data.max_seq_len or data.max_target_len")
         raise RecordError(f"data.train_files: every record was skipped while tokenizing, none "
-                          f"is left to train on ({why}); raise data.max_seq_len or "
-                          f"data.max_target_len")
+                          f"is left to train on ({why}); {fix}")
     if cfg.packing:
         train = pack_examples(list(train), cfg.max_seq_len)
     label_vocab = {lab: i for i, lab in enumerate(labels)}

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 
 from sparsedoc.data.schema import read_jsonl
-from sparsedoc.data.tokenize import encode_chat, fit_chat, target_ids, to_chat
+from sparsedoc.data.tokenize import chat_ids, fit_chat, target_ids, to_chat
 
 PERCENTILES = (50, 90, 95, 99, 100)
 
@@ -33,8 +33,7 @@ def record_lengths(record: dict, tokenizer, system_prompt: str = "") -> tuple[in
     msgs = to_chat(record)["messages"]
     if system_prompt and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": system_prompt}] + msgs
-    ids, _ = encode_chat(tokenizer, msgs)
-    return len(ids), len(target_ids(tokenizer, msgs))
+    return len(chat_ids(tokenizer, msgs)), len(target_ids(tokenizer, msgs))
 
 
 def length_report(records: list[dict], tokenizer, seq_lens: list[int], system_prompt: str = "",

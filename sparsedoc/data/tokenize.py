@@ -43,6 +43,13 @@ class TemplateError(UserError, ValueError):
     prefixes (masking would be wrong)."""
 
 
+class PrefixMismatch(TemplateError):
+    """One conversation renders a prefix that is not a prefix of the whole, usually because text
+    at a reply's edge (leading whitespace) merges with the template's own tokens: that record is
+    skipped with this reason. If the template itself is at fault every record is, and the run
+    stops with the reason (``dataset.prepare_data``)."""
+
+
 @dataclass
 class TokenizedExample:
     input_ids: list[int]
@@ -85,7 +92,8 @@ def require_chat_template(tokenizer) -> None:
             f"instruct model's tokenizer or add a chat template to the model folder")
 
 
-def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """The chat template's rendering of ``messages``, as token ids."""
     out = tokenizer.apply_chat_template(messages, tokenize=True,
                                         add_generation_prompt=add_generation_prompt)
     if isinstance(out, dict) or hasattr(out, "keys"):  # transformers >= 5 returns a BatchEncoding
@@ -97,17 +105,20 @@ def encode_chat(tokenizer, messages: list[dict], system_prompt: str = "") -> tup
     """Token ids and labels for one conversation; labels are -100 outside assistant turns."""
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
-    full = _ids(tokenizer, messages, add_generation_prompt=False)
+    full = chat_ids(tokenizer, messages, add_generation_prompt=False)
     labels = [IGNORE_INDEX] * len(full)
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        start_ids = _ids(tokenizer, messages[:i], add_generation_prompt=True)
-        end_ids = _ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        start_ids = chat_ids(tokenizer, messages[:i], add_generation_prompt=True)
+        end_ids = chat_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if full[: len(start_ids)] != start_ids or full[: len(end_ids)] != end_ids:
-            raise TemplateError(
-                "the tokenizer's chat template does not render a conversation prefix as a prefix "
-                "of the whole conversation, so assistant tokens cannot be located safely")
+            edge = msg["content"][:1]
+            hint = (f"its text starts with {edge!r}, which merges with the template's tokens"
+                    if edge.isspace() else "the chat template may not render prefixes as prefixes")
+            raise PrefixMismatch(
+                f"message {i} (assistant): the conversation up to this reply does not tokenize "
+                f"as a prefix of the whole ({hint}), so its tokens cannot be located safely")
         labels[len(start_ids): len(end_ids)] = full[len(start_ids): len(end_ids)]
     return full, labels
 
@@ -116,8 +127,8 @@ def target_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The target's tokens: the last assistant message as the template renders it (from the
     generation prompt to its end of turn)."""
     t = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    whole = _ids(tokenizer, messages[: t + 1], add_generation_prompt=False)
-    return whole[len(_ids(tokenizer, messages[:t], add_generation_prompt=True)):]
+    whole = chat_ids(tokenizer, messages[: t + 1], add_generation_prompt=False)
+    return whole[len(chat_ids(tokenizer, messages[:t], add_generation_prompt=True)):]
 
 
 @dataclass
@@ -276,7 +287,16 @@ def shorten_prompt(tokenizer, messages: list[dict], last_prompt: int, limit: int
 def fit_chat(tokenizer, messages: list[dict], max_seq_len: int, max_target_len: int = 0,
              system_prompt: str = "") -> Fitted:
     """Encode one conversation within ``max_seq_len`` tokens, shortening the prompt side by the
-    rule in this module's docstring and never the target (the last assistant message)."""
+    rule in this module's docstring and never the target (the last assistant message). A
+    conversation whose replies cannot be located in its tokens is skipped with the reason."""
+    try:
+        return _fit_chat(tokenizer, messages, max_seq_len, max_target_len, system_prompt)
+    except PrefixMismatch as e:
+        return Fitted([], [], skip=str(e))
+
+
+def _fit_chat(tokenizer, messages: list[dict], max_seq_len: int, max_target_len: int,
+              system_prompt: str) -> Fitted:
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
     msgs = [dict(m) for m in messages]
