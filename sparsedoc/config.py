@@ -171,7 +171,7 @@ class DataCfg:
     num_workers: int = 0
     # Tokenize each file once into an Arrow cache that every rank memory-maps
     # (sparsedoc/data/cache.py): "auto" does so when the data files total 16 MiB or more.
-    tokenize_cache: Literal["auto", "on", "off"] = "auto"
+    tokenize_cache: Literal["auto", "always", "never"] = "auto"
     num_proc: int = 0  # tokenizer processes when building the cache; 0: min(8, CPU count)
     cache_dir: str = ""  # "": $SPARSEDOC_CACHE/tokenized (~/.cache/sparsedoc/tokenized)
 

@@ -62,8 +62,8 @@ def test_cached_rows_equal_the_in_memory_rows(converted, tokenizer, cache_dir, v
         cfg = dataclasses.replace(cfg, eval_files=[], eval_fraction=0.2)
     if variant == "packing":
         cfg = dataclasses.replace(cfg, packing=True)
-    memory = prepare_data(dataclasses.replace(cfg, tokenize_cache="off"), tokenizer, seed=3)
-    cached = prepare_data(dataclasses.replace(cfg, tokenize_cache="on"), tokenizer, seed=3)
+    memory = prepare_data(dataclasses.replace(cfg, tokenize_cache="never"), tokenizer, seed=3)
+    cached = prepare_data(dataclasses.replace(cfg, tokenize_cache="always"), tokenizer, seed=3)
     assert rows(cached.train) == rows(memory.train)
     assert rows(cached.eval) == rows(memory.eval)
     assert cached.stats == memory.stats and cached.label_vocab == memory.label_vocab

@@ -132,7 +132,7 @@ AUTO_CACHE_BYTES = 16 << 20  # data.tokenize_cache=auto: the cache pays off from
 
 def uses_tokenize_cache(cfg: DataCfg) -> bool:
     if cfg.tokenize_cache != "auto":
-        return cfg.tokenize_cache == "on"
+        return cfg.tokenize_cache == "always"
     files = [resolve_path(f) for f in cfg.train_files + cfg.eval_files]
     return sum(f.stat().st_size for f in files if f.is_file()) >= AUTO_CACHE_BYTES
 

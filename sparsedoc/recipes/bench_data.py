@@ -122,7 +122,7 @@ def start_run(corpus: Path, out: Path, cache_dir: Path, ranks: int = 2) -> dict:
     if out.exists():
         shutil.rmtree(out)
     cmd = train_command("lora", [
-           f"data.train_files=[{corpus}]", "data.eval_files=[]", "data.tokenize_cache=on",
+           f"data.train_files=[{corpus}]", "data.eval_files=[]", "data.tokenize_cache=always",
            f"data.cache_dir={cache_dir}", "data.max_seq_len=256", "train.max_steps=2",
            "train.micro_batch_size=2", "train.log_every=1", "train.eval_every=0",
            "train.save_every=1000", f"train.output_dir={out}", "logging.wandb=false"], gpus=ranks)
