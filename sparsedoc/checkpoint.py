@@ -122,6 +122,7 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, trainer_state: di
         write_extras(tmp)
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         if final.exists():  # saved at this step before (a resumed stop_at): out of the way first
+            shutil.rmtree(root / ("deleting-" + final.name), ignore_errors=True)
             os.replace(final, root / ("deleting-" + final.name))
         os.replace(tmp, final)
         shutil.rmtree(root / ("deleting-" + final.name), ignore_errors=True)
@@ -137,6 +138,7 @@ def _rotate(output_dir: str | Path, keep_last: int) -> None:
         return
     for old in list_checkpoints(output_dir)[:-keep_last]:
         gone = old.with_name("deleting-" + old.name)  # one rename: never seen half-deleted
+        shutil.rmtree(gone, ignore_errors=True)
         os.replace(old, gone)
         shutil.rmtree(gone, ignore_errors=True)
 

@@ -262,6 +262,7 @@ class LoraMoEMethod(Method):
     def drop_micro_batch(self, model: nn.Module) -> None:
         del self.pending[self.pending_before:]  # NaN keys would poison the queue for good
         self.stats.rollback()
+        self.micro_in_step -= 1  # the micro-batch that takes its place samples as it would have
 
     def checked_layers(self, model: nn.Module) -> list[str]:
         return list(self.router_names)

@@ -407,6 +407,8 @@ class Trainer:
                 continue
             if not self.engine.was_step_applied():
                 # DeepSpeed checks the gradient norm (all ranks together) and drops the update
+                with torch.no_grad():  # the forwards were finite: their queue keys stand
+                    self.method.after_optimizer_step(self.engine.module, pos.step)
                 self.skipped("non-finite gradient norm; DeepSpeed dropped the update on every "
                              "rank")
                 continue
