@@ -210,9 +210,15 @@ class TrainCfg:
     log_every: int = 5
     resume_from: str = ""  # "", "auto" (latest in output_dir) or a checkpoint folder
     stop_at: int = 0  # save and stop at this step although the schedule runs to max_steps
+    # a resume refuses a checkpoint saved with another world size, micro-batch, accumulation or
+    # training data; true resumes anyway and logs what will differ (docs/robustness.md)
+    resume_allow_changes: bool = False
+    # non-finite steps skipped in a row before the run stops (with the last good checkpoint)
+    max_consecutive_skips: int = 5
 
     def __post_init__(self) -> None:
-        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every"):
+        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every",
+                     "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
         if self.lr <= 0:

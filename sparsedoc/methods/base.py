@@ -48,6 +48,9 @@ class Method:
     routes = False  # has routers: evaluation adds the routing analysis
     exclude_frozen_in_checkpoint = True  # the frozen base is reloaded from its source on resume
     calibration_batches = 0  # micro-batches per rank handed to ``calibrate`` (0: not called)
+    # the loss components ``compute_loss`` reports: name -> key of its metrics (the loop names
+    # the non-finite ones when it skips a micro-batch)
+    loss_terms: dict[str, str] = {}
 
     def build(self, model: nn.Module, cfg: Config) -> nn.Module:
         raise NotImplementedError
@@ -73,6 +76,31 @@ class Method:
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called on every rank after each optimizer step, under no_grad."""
+
+    def drop_micro_batch(self, model: nn.Module) -> None:
+        """The last ``compute_loss`` was non-finite on some rank and is skipped on all: forget
+        what it left behind (queued keys, telemetry)."""
+
+    def checked_layers(self, model: nn.Module) -> list[str]:
+        """The layers ``first_nonfinite_layer`` may name, in forward order."""
+        return [n for n, m in model.named_modules()
+                if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+    def first_nonfinite_layer(self, model: nn.Module) -> str | None:
+        """After a non-finite loss: the first layer (forward order) whose trainable weights are
+        non-finite (None if none is). Methods that see activations look there too."""
+        for name, m in model.named_modules():
+            for p in m.parameters(recurse=False):
+                if p.requires_grad and p.numel() and not bool(torch.isfinite(p.detach()).all()):
+                    return name
+        return None
+
+    def checkpoint_state(self) -> dict | None:
+        """This rank's JSON-able state kept in a checkpoint (None: nothing to keep)."""
+        return None
+
+    def restore_state(self, state: dict) -> None:
+        """Restore ``checkpoint_state`` (``state["from_rank"]`` set: another rank's)."""
 
     def step_metrics(self, model: nn.Module, step: int) -> dict[str, float]:
         """Extra metrics for the logging step (rank 0 logs them)."""

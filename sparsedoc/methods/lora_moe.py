@@ -76,6 +76,8 @@ class LoraMoEMethod(Method):
     sweep_params = {"rank": "adapter.moe.r", "experts": "adapter.moe.num_experts",
                     "top_k": "adapter.moe.top_k"}
     routes = True
+    loss_terms = {"lm": "train/lm_loss", "balance": "moe/balance_loss", "z": "moe/z_loss",
+                  "contrast": "moe/contrastive_loss"}
 
     def __init__(self) -> None:
         self.cfg: MoECfg | None = None
@@ -85,6 +87,8 @@ class LoraMoEMethod(Method):
         self.stats: RoutingStats | None = None
         self.base_model = ""
         self.label_queue: MemoryQueue | None = None
+        self.router_finite: torch.Tensor | None = None  # (routers,) of the last forward
+        self.pending_before = 0
 
     # ---- build ------------------------------------------------------------------------------
     def build(self, model: nn.Module, cfg: Config) -> nn.Module:
@@ -179,6 +183,11 @@ class LoraMoEMethod(Method):
         sample = self._sample_tokens(batch, step) if cfg.contrastive == "expert" else None
         with record_routing(sample_rows=sample) as record:
             out = model(**model_inputs(batch))
+        self.stats.mark()
+        self.pending_before = len(self.pending)
+        # one flag per router, no host sync: read only when the loss is non-finite
+        self.router_finite = torch.stack([torch.isfinite(record.routing[n].logits).all()
+                                          for n in self.router_names])
         aux = self.router_losses(record, batch)
         real = real_tokens(batch)
         for i, name in enumerate(self.router_names):
@@ -249,7 +258,34 @@ class LoraMoEMethod(Method):
         self.label_queue.enqueue(0, vecs[keep], labels[keep].cpu())
         self.pending.clear()
 
+    # ---- non-finite micro-batches -------------------------------------------------------------
+    def drop_micro_batch(self, model: nn.Module) -> None:
+        del self.pending[self.pending_before:]  # NaN keys would poison the queue for good
+        self.stats.rollback()
+        self.micro_in_step -= 1  # the micro-batch that takes its place samples as it would have
+
+    def checked_layers(self, model: nn.Module) -> list[str]:
+        return list(self.router_names)
+
+    def first_nonfinite_layer(self, model: nn.Module) -> str | None:
+        """The first routing layer whose router output, router weights or expert weights are
+        non-finite, in forward order."""
+        finite = self.router_finite.tolist() if self.router_finite is not None else []
+        layers = dict(routing_layers(model))
+        for i, name in enumerate(self.router_names):
+            params = [p for p in layers[name].parameters() if p.requires_grad and p.numel()]
+            if (i < len(finite) and not finite[i]) or any(
+                    not bool(torch.isfinite(p.detach()).all()) for p in params):
+                return name
+        return None
+
     # ---- telemetry, checkpoints -------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        return {"routing_stats": self.stats.state_dict()}
+
+    def restore_state(self, state: dict) -> None:
+        self.stats.load_state_dict(state["routing_stats"], window="from_rank" not in state)
+
     def step_metrics(self, model: nn.Module, step: int) -> dict[str, float]:
         metrics = self.stats.flush(all_reduce_sum)
         metrics["moe/queue_mib"] = queue_bytes(model) / 2**20

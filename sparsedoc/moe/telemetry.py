@@ -26,6 +26,38 @@ class RoutingStats:
         self.tokens = torch.zeros(len(layer_names), dtype=torch.float64)
         self.since_checkpoint = torch.zeros_like(self.counts)
         self.collapsed_for = 0
+        self._mark: tuple[torch.Tensor, ...] | None = None
+
+    # ---- a micro-batch that is skipped (non-finite) leaves no trace --------------------------
+    def mark(self) -> None:
+        """Remember the window so far: ``rollback`` returns to it."""
+        self._mark = (self.counts.clone(), self.entropy_sum.clone(), self.tokens.clone())
+
+    def rollback(self) -> None:
+        if self._mark is not None:
+            self.counts, self.entropy_sum, self.tokens = self._mark
+            self._mark = None
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's telemetry as JSON-able data: the window not yet logged (per rank) and
+        how many logged steps the collapse has lasted (the same on every rank). The load since
+        the last checkpoint is not kept: the checkpoint's heatmap has just consumed it."""
+        return {"layers": self.layer_names, "counts": self.counts.tolist(),
+                "entropy_sum": self.entropy_sum.tolist(), "tokens": self.tokens.tolist(),
+                "collapsed_for": self.collapsed_for}
+
+    def load_state_dict(self, state: dict, window: bool = True) -> None:
+        """Restore ``state_dict``; ``window=False`` keeps only the collapse count (the state of
+        another rank, after a change of world size)."""
+        if state.get("layers") != self.layer_names:
+            raise ValueError("routing telemetry in the checkpoint is for other routing layers")
+        self.collapsed_for = int(state["collapsed_for"])
+        self.since_checkpoint.zero_()
+        if window:
+            self.counts = torch.tensor(state["counts"], dtype=torch.float64)
+            self.entropy_sum = torch.tensor(state["entropy_sum"], dtype=torch.float64)
+            self.tokens = torch.tensor(state["tokens"], dtype=torch.float64)
 
     def add(self, i: int, top_idx: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor) -> None:
         m = mask.reshape(-1).bool()

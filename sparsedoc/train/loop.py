@@ -31,6 +31,10 @@ from sparsedoc.distributed import (all_reduce_sum, barrier, build_ds_config, dev
                                          release_cpu_comm_buffers, zero_stage)
 from sparsedoc.data.batch import model_inputs
 from sparsedoc.methods.base import Method, count_parameters
+from sparsedoc.train import resume_check
+from sparsedoc.train.faults import (NONFINITE_EXIT, PREEMPTED_EXIT, FaultInjector, RunStopped,
+                                    SkipCounter, StopSignals, agree_on_micro_batch,
+                                    nan_output_hook, nonfinite_terms)
 
 log = logging.getLogger("sparsedoc")
 
@@ -120,6 +124,10 @@ class Trainer:
         self.last_eval: tuple[int | None, float] = (None, float("nan"))  # (step, loss)
         self.token_rates: list[float] = []
         self.step_times: list[float] = []
+        self.stop = StopSignals()  # installed by ``fit``, checked at every step boundary
+        self.skips = SkipCounter()
+        self.resume_plan: resume_check.ResumePlan | None = None
+        self.saved_step = -1  # the step this process last saved a checkpoint at
 
     # ---- setup ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -151,6 +159,10 @@ class Trainer:
         self.data = prepare_data(cfg.data, self.tokenizer, cfg.train.seed, progress=is_main())
         method.check_data(cfg, self.data.stats["train_labels"])
         log_data_stats(self.data.stats, cfg)
+        self.faults = FaultInjector(self.rank)
+        self.record = resume_check.run_record(cfg, self.world,
+                                              resume_check.data_hash(cfg, self.data.manifests))
+        self.check_resume()  # refuses a changed world size or data before DeepSpeed starts
         self.collate = make_collator(cfg.data, self.tokenizer, self.data.label_vocab)
         self.loader = train_loader(self.data.train, self.collate, cfg.train.micro_batch_size,
                                    self.rank, self.world, cfg.train.seed, cfg.data.num_workers,
@@ -159,16 +171,38 @@ class Trainer:
                                      self.rank, self.world, cfg.train.eval_batches)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=method.param_groups(model, cfg.train.lr), config=self.ds)
+        self.checked_layers = method.checked_layers(self.engine.module)
         self.resume()
 
-    def resume(self) -> None:
+    def check_resume(self) -> None:
+        """Compare the checkpoint to resume from with this run (``resume_check``)."""
         self.resumed_from = ckpt.resolve_resume(self.cfg.train.resume_from, self.run_dir)
         if self.resumed_from is None:
             return
+        saved_cfg = self.resumed_from / RUN_CONFIG
+        self.resume_plan = resume_check.check_resume(
+            ckpt.read_trainer_state(self.resumed_from), self.record,
+            self.cfg.train.resume_allow_changes, self.resumed_from, zero_stage(self.ds),
+            _yaml(saved_cfg) if saved_cfg.is_file() else None, config_to_dict(self.cfg))
+
+    def resume(self) -> None:
+        if self.resumed_from is None:
+            return
+        plan = self.resume_plan
         state = ckpt.load_checkpoint(self.engine, self.resumed_from, self.rank,
-                                     self.method.exclude_frozen_in_checkpoint)
+                                     self.method.exclude_frozen_in_checkpoint,
+                                     load_optimizer=plan.load_optimizer)
         self.pos = Position(state["step"], state["epoch"], state["batch_in_epoch"],
                             state.get("wandb_id", ""))
+        if plan.samples_per_batch_saved:  # keep the position in samples seen this epoch
+            seen = self.pos.batch_in_epoch * plan.samples_per_batch_saved
+            per_batch = self.cfg.train.micro_batch_size * self.world
+            self.pos.batch_in_epoch = min(seen // per_batch,
+                                          self.loader.sampler.batches_per_epoch)
+        self.skips.total = int(state.get("skipped_steps", 0))
+        method_state = ckpt.read_rank_state(self.resumed_from, self.rank)
+        if method_state is not None:
+            self.method.restore_state(method_state)
         self.last_checkpoint = self.resumed_from
         log.info("resumed from %s at step %d", self.resumed_from, self.pos.step)
 
@@ -217,18 +251,64 @@ class Trainer:
                 yield _to_device(batch, self.dev)
             self.pos.epoch, self.pos.batch_in_epoch = self.pos.epoch + 1, 0
 
-    def step(self, batch: dict, window: Window) -> None:
+    def step(self, batch: dict, window: Window) -> bool:
         """Forward, backward and DeepSpeed's step (which applies the update every
-        ``grad_accum`` micro-batches) for one micro-batch."""
-        loss, extras = self.method.compute_loss(self.engine, batch, self.pos.step)
+        ``grad_accum`` micro-batches) for one micro-batch. A loss that is non-finite on any
+        rank (any component) skips the micro-batch on every rank before backward, so nothing
+        non-finite reaches the gradients and every rank runs the same collectives; returns
+        False then."""
+        # faults are injected by attempt: the optimizer step being computed, skipped ones counted
+        step = self.pos.step + self.skips.total + 1
+        self.faults.slow(step)
+        nan_in = self.faults.nan(step)
+        hooks = [self.engine.module.get_submodule(m).register_forward_hook(nan_output_hook)
+                 for m in nan_in if m]
+        try:
+            loss, extras = self.method.compute_loss(self.engine, batch, self.pos.step)
+        finally:
+            for h in hooks:
+                h.remove()
+        if "" in nan_in:
+            loss = loss * float("nan")
+        self.faults.kill(step, "step")
+        bad = nonfinite_terms(loss, extras, self.method.loss_terms)
+        layer = self.method.first_nonfinite_layer(self.engine.module) if bad else None
+        verdict = agree_on_micro_batch(bad, layer, list(self.method.loss_terms),
+                                       self.checked_layers)
+        if verdict is not None:
+            self.method.drop_micro_batch(self.engine.module)
+            self.skipped(f"non-finite {', '.join(verdict.terms)} loss on rank(s) "
+                         f"{', '.join(map(str, verdict.ranks))} (first non-finite layer: "
+                         f"{verdict.layer or 'none found'}); the micro-batch is skipped on "
+                         f"every rank")
+            return False
         self.engine.backward(loss)
         self.engine.step()
         window.add(loss, batch, extras)
+        return True
+
+    def skipped(self, what: str) -> None:
+        """Count and report a skipped micro-batch / update (every rank logs it); stop after
+        ``train.max_consecutive_skips`` in a row."""
+        self.skips.skipped()
+        log.warning("step %d: %s (%d skipped in total, %d in a row of at most %d)",
+                    self.pos.step + 1, what, self.skips.total, self.skips.in_a_row,
+                    self.cfg.train.max_consecutive_skips)
+        self.logger.log({"train/skipped_total": self.skips.total}, self.pos.step + 1)
+        if self.skips.in_a_row >= self.cfg.train.max_consecutive_skips:
+            self.stop_early(NONFINITE_EXIT,
+                            f"{self.skips.in_a_row} non-finite steps in a row "
+                            f"(train.max_consecutive_skips={self.cfg.train.max_consecutive_skips}"
+                            f"); the last one: {what}. No update came from them: the checkpoint "
+                            f"holds the last good weights, at the data position after the bad "
+                            f"batches. Look for the cause (learning rate, data, bf16 range) "
+                            f"before resuming")
 
     def log_window(self, window: Window) -> None:
         loss, tokens_per_s, step_time = window.reduce(self.world)
         metrics = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
                    "train/tokens_per_s": tokens_per_s, "train/step_time_s": step_time,
+                   "train/skipped_total": self.skips.total,
                    "train/epoch": (self.pos.epoch + self.pos.batch_in_epoch
                                    / self.loader.sampler.batches_per_epoch)}
         grad_norm = self.engine.get_global_grad_norm()
@@ -254,7 +334,7 @@ class Trainer:
         engine, method, at_step = self.engine, self.method, self.pos.step
         state = {"step": at_step, "epoch": self.pos.epoch,
                  "batch_in_epoch": self.pos.batch_in_epoch, "wandb_id": self.pos.wandb_id,
-                 "world_size": self.world, "method": method.name}
+                 "method": method.name, "skipped_steps": self.skips.total, **self.record}
 
         def write_adapter(out: Path) -> None:
             trainable = [p for p in engine.module.parameters() if p.requires_grad]
@@ -270,14 +350,41 @@ class Trainer:
 
         final = ckpt.save_checkpoint(engine, self.run_dir, at_step, state, self.rank,
                                      write_adapter, write_extras,
-                                     method.exclude_frozen_in_checkpoint, self.cfg.train.keep_last)
+                                     method.exclude_frozen_in_checkpoint, self.cfg.train.keep_last,
+                                     rank_state=method.checkpoint_state(),
+                                     midway=lambda: self.faults.kill(at_step, "save"))
         for key, name in images.items():
             self.logger.log_image(key, final / name, at_step)
-        self.last_checkpoint = final
+        self.last_checkpoint, self.saved_step = final, at_step
         return final
+
+    def stop_early(self, code: int, why: str, resave: bool = True) -> None:
+        """Checkpoint the current step (collective), say where it is and how to go on, and
+        raise ``RunStopped`` with exit status ``code``. No ``summary.json``: the run is not
+        finished, so ``resume_from=auto`` continues it."""
+        done = self.last_checkpoint is not None and self.saved_step == self.pos.step
+        final = self.last_checkpoint if done and not resave else self.save()
+        self.bar.close()
+        resume = (f"resume with the same command plus train.resume_from=auto (output_dir "
+                  f"{self.run_dir}) or train.resume_from={final}")
+        message = f"stopped at step {self.pos.step}: {why}. Checkpoint: {final}; {resume}"
+        (log.warning if code == PREEMPTED_EXIT else log.error)("%s (exit code %d)", message,
+                                                               code)
+        if is_main():
+            self.logger.close()
+        barrier()
+        release_cpu_comm_buffers()
+        raise RunStopped(code, message, final, self.pos.step)
 
     # ---- the run --------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        self.stop.install()
+        try:
+            return self._fit()
+        finally:
+            self.stop.restore()
+
+    def _fit(self) -> TrainResult:
         from tqdm.auto import tqdm
 
         self.setup()
@@ -293,10 +400,19 @@ class Trainer:
         window, micro = Window(), 0
         self.train_start = tick = time.perf_counter()
         for batch in self.batches() if pos.step < end else ():
-            self.step(batch, window)
+            if not self.step(batch, window):
+                continue
             micro += 1
             if micro % t.grad_accum:
                 continue
+            if not self.engine.was_step_applied():
+                # DeepSpeed checks the gradient norm (all ranks together) and drops the update
+                with torch.no_grad():  # the forwards were finite: their queue keys stand
+                    self.method.after_optimizer_step(self.engine.module, pos.step)
+                self.skipped("non-finite gradient norm; DeepSpeed dropped the update on every "
+                             "rank")
+                continue
+            self.skips.good_step()
             pos.step += 1
             with torch.no_grad():
                 self.method.after_optimizer_step(self.engine.module, pos.step)
@@ -317,6 +433,11 @@ class Trainer:
                 tick = time.perf_counter()
             if pos.step >= end:
                 break
+            stopped_by = self.stop.agreed()  # collective: a signal on any rank stops all
+            if stopped_by:
+                self.stop_early(PREEMPTED_EXIT, "preemption notice ("
+                                + ", ".join(f"{n} on rank {r}" for r, n in stopped_by.items())
+                                + ")", resave=False)
         self.bar.close()
         return self.finish()
 
@@ -373,6 +494,16 @@ def log_data_stats(st: dict, cfg: Config) -> None:
                      f"{i} ({why})" for i, why in skipped[:5])
                  + (" ..." if s["skipped"] > 5 else ""))
     log.info("data: %d train rows%s", st["train_rows"], " (packed)" if cfg.data.packing else "")
+
+
+def _yaml(path: Path) -> dict | None:
+    import yaml
+
+    try:
+        out = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return out if isinstance(out, dict) else None
 
 
 def _median(xs: list[float]) -> float | None:
