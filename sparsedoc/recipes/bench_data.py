@@ -42,13 +42,13 @@ SOURCES = [("chinese_medical_dialogue", "chinese_medical_dialogue", "train"),
 
 def real_records(shared: Path, work: Path) -> list[dict]:
     """The shared samples, converted to the unified schema."""
-    from sparsedoc.cli import main as cli
     from sparsedoc.data.schema import read_jsonl
+    from sparsedoc.prep.cli import main as prepare
 
     records = []
     for name, folder, split in SOURCES:
         out = work / name
-        if cli(["prepare", name, "--src", str(shared / folder), "--out", str(out)]) != 0:
+        if prepare([name, "--src", str(shared / folder), "--out", str(out)]) != 0:
             raise SystemExit(f"sparsedoc prepare {name} failed")
         files = sorted(out.glob(f"{split}.jsonl")) or sorted(out.glob("*.jsonl"))
         records += read_jsonl(files[0])

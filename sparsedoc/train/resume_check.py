@@ -25,7 +25,8 @@ log = logging.getLogger("sparsedoc")
 VOLATILE_KEYS = {"train.resume_from", "train.stop_at", "train.output_dir", "train.save_every",
                  "train.keep_last", "train.eval_every", "train.eval_batches", "train.log_every",
                  "train.resume_allow_changes", "train.max_consecutive_skips",
-                 "data.num_workers", "logging"}
+                 "data.num_workers", "data.tokenize_cache", "data.num_proc", "data.cache_dir",
+                 "logging"}
 REFUSED = {"world_size": "world size", "micro_batch_size": "train.micro_batch_size",
            "grad_accum": "train.grad_accum", "data_hash": "training data (files and data.*)"}
 
@@ -64,7 +65,8 @@ def data_hash(cfg: Config, manifests: list[Path]) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     data = {k: v for k, v in config_to_dict(cfg)["data"].items()
-            if k not in ("train_files", "eval_files", "num_workers")}
+            if k not in ("train_files", "eval_files", "num_workers",  # the rows are the same
+                         "tokenize_cache", "num_proc", "cache_dir")}
     h.update(json.dumps(data, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
