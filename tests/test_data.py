@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from sparsedoc.data.tokenize import (IGNORE_INDEX, TokenizedExample, encode_chat
 from sparsedoc.models.load import load_tokenizer, resolve_model_path
 from sparsedoc.data.batch import model_inputs
 
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by " \
                  "Hugging Face<|im_end|>\n"
 
@@ -156,6 +159,23 @@ def test_a_reply_whose_tokens_merge_with_the_template_is_skipped_by_id(tok, tmp_
     with pytest.raises(RecordError, match="every record was skipped.*check the model's chat "
                                           "template"):
         prepare_data(DataCfg(train_files=[str(f)], eval_files=[]), tok, seed=0)
+
+
+def test_memoised_ids_equal_the_library_s_own_tokenize(tok):
+    """``chat_ids`` with a memo renders text and tokenizes it itself; on the bundled records and
+    every prefix the fitting loop renders, that equals ``apply_chat_template(tokenize=True)``."""
+    from sparsedoc.data.tokenize import chat_ids, to_chat
+
+    memo: dict = {}
+    records = read_jsonl(REPO / "sparsedoc" / "prep" / "demo" / "train.jsonl")[::8]
+    for rec in records:
+        msgs = to_chat(rec)["messages"]
+        for n in range(1, len(msgs) + 1):
+            for gen in (False, True):
+                lib = list(tok.apply_chat_template(msgs[:n], tokenize=True,
+                                                   add_generation_prompt=gen)["input_ids"])
+                assert chat_ids(tok, msgs[:n], gen, memo) == lib
+    assert len(memo) >= len(records)
 
 
 # ---- target-preserving truncation -----------------------------------------------------------

@@ -92,26 +92,39 @@ def require_chat_template(tokenizer) -> None:
             f"instruct model's tokenizer or add a chat template to the model folder")
 
 
-def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    """The chat template's rendering of ``messages``, as token ids."""
-    out = tokenizer.apply_chat_template(messages, tokenize=True,
-                                        add_generation_prompt=add_generation_prompt)
-    if isinstance(out, dict) or hasattr(out, "keys"):  # transformers >= 5 returns a BatchEncoding
-        out = out["input_ids"]
-    return list(out)
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
+             memo: dict | None = None) -> list[int]:
+    """The chat template's rendering of ``messages``, as token ids.
+
+    With ``memo`` (a dict kept for one record), the text is rendered and each distinct text is
+    tokenized once: fitting a long record renders the same prefixes many times, and the
+    tokenizer, not the template, is what costs (``tests/test_data.py`` checks the ids equal
+    ``apply_chat_template(tokenize=True)``)."""
+    if memo is None:
+        out = tokenizer.apply_chat_template(messages, tokenize=True,
+                                            add_generation_prompt=add_generation_prompt)
+        if isinstance(out, dict) or hasattr(out, "keys"):  # transformers >= 5: a BatchEncoding
+            out = out["input_ids"]
+        return list(out)
+    text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+    if text not in memo:
+        memo[text] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return memo[text]
 
 
-def encode_chat(tokenizer, messages: list[dict], system_prompt: str = "") -> tuple[list[int], list[int]]:
+def encode_chat(tokenizer, messages: list[dict], system_prompt: str = "",
+                memo: dict | None = None) -> tuple[list[int], list[int]]:
     """Token ids and labels for one conversation; labels are -100 outside assistant turns."""
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
-    full = chat_ids(tokenizer, messages, add_generation_prompt=False)
+    full = chat_ids(tokenizer, messages, False, memo)
     labels = [IGNORE_INDEX] * len(full)
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        start_ids = chat_ids(tokenizer, messages[:i], add_generation_prompt=True)
-        end_ids = chat_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        start_ids = chat_ids(tokenizer, messages[:i], True, memo)
+        end_ids = chat_ids(tokenizer, messages[: i + 1], False, memo)
         if full[: len(start_ids)] != start_ids or full[: len(end_ids)] != end_ids:
             edge = msg["content"][:1]
             hint = (f"its text starts with {edge!r}, which merges with the template's tokens"
@@ -123,12 +136,12 @@ def encode_chat(tokenizer, messages: list[dict], system_prompt: str = "") -> tup
     return full, labels
 
 
-def target_ids(tokenizer, messages: list[dict]) -> list[int]:
+def target_ids(tokenizer, messages: list[dict], memo: dict | None = None) -> list[int]:
     """The target's tokens: the last assistant message as the template renders it (from the
     generation prompt to its end of turn)."""
     t = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    whole = chat_ids(tokenizer, messages[: t + 1], add_generation_prompt=False)
-    return whole[len(chat_ids(tokenizer, messages[:t], add_generation_prompt=True)):]
+    whole = chat_ids(tokenizer, messages[: t + 1], False, memo)
+    return whole[len(chat_ids(tokenizer, messages[:t], True, memo)):]
 
 
 @dataclass
@@ -300,11 +313,12 @@ def _fit_chat(tokenizer, messages: list[dict], max_seq_len: int, max_target_len:
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
     msgs = [dict(m) for m in messages]
-    ids, labels = encode_chat(tokenizer, msgs)
+    memo: dict = {}  # each distinct rendering of this record is tokenized once
+    ids, labels = encode_chat(tokenizer, msgs, memo=memo)
     if len(ids) <= max_seq_len and not max_target_len:
         return Fitted(ids, labels)
     t = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    target = target_ids(tokenizer, msgs)
+    target = target_ids(tokenizer, msgs, memo)
     cap = max_target_len or max_seq_len
     if len(target) > cap:
         which = "max_target_len" if max_target_len else "max_seq_len"
@@ -313,7 +327,7 @@ def _fit_chat(tokenizer, messages: list[dict], max_seq_len: int, max_target_len:
         return Fitted(ids, labels)
     dropped = len(msgs) - t - 1  # messages after the target carry no loss: they go first
     fit = shorten_prompt(tokenizer, msgs[: t + 1], t - 1, max_seq_len,
-                         lambda m: encode_chat(tokenizer, m))
+                         lambda m: encode_chat(tokenizer, m, memo=memo))
     ids, labels = fit.encoded
     dropped += fit.turns_dropped
     if fit.over:
