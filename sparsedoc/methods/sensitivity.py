@@ -5,8 +5,8 @@ Three pure steps, each testable on its own (docs/method.md, "Sensitivity-LoRA", 
 choice was made and what it costs):
 
 1. ``fisher_diagonal``: the empirical-Fisher diagonal of every target matrix,
-   ``F_W = mean over rows n of (dL_n/dW)^2`` (one backward per calibration row, the base model
-   frozen apart from the requested gradients). For a log-likelihood loss the Fisher equals the
+   ``F_W = sum over rows n of (dL_n/dW)^2 / tokens`` with L_n the row's token-summed loss (one
+   backward per calibration row, the base model frozen apart from the requested gradients). For a log-likelihood loss the Fisher equals the
    Gauss-Newton part of the Hessian, so ``F_W`` is a cheap estimate of the Hessian diagonal.
 2. ``matrix_sensitivity``: a **global** sensitivity, the trace of ``F_W`` (how much the loss
    reacts to this matrix as a whole), and a **local** one, the effective rank of the matrix of
@@ -72,23 +72,25 @@ def split_rows(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
 
 
 def lm_loss(labels: str = "data", seed: int = 0) -> Callable:
-    """The loss whose squared gradients ``fisher_diagonal`` averages: the causal-LM loss of one
-    row, against the data's next tokens (``data``: the empirical Fisher) or against tokens
-    sampled from the model's own prediction at each target position (``model``: a one-sample
-    Monte-Carlo estimate of the true Fisher, which equals the Gauss-Newton matrix)."""
+    """The loss whose squared gradients ``fisher_diagonal`` sums: the causal-LM loss of one row
+    summed over its target tokens, with their count, against the data's next tokens (``data``:
+    the empirical Fisher) or against tokens sampled from the model's own prediction at each
+    target position (``model``: a one-sample Monte-Carlo estimate of the true Fisher, which
+    equals the Gauss-Newton matrix)."""
     if labels not in ("data", "model"):
         raise ValueError(f"labels: expected 'data' or 'model', got {labels!r}")
     gen = torch.Generator().manual_seed(seed)
 
-    def loss(model, row: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(model, row: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        keep = row["labels"][:, 1:] != -100  # (1, S-1): targets of positions 0..S-2
+        n = int(keep.sum())
         if labels == "data":
-            return model(**model_inputs(row)).loss
+            return model(**model_inputs(row)).loss * n, n  # HF's loss: the mean over targets
         inputs = {k: v for k, v in model_inputs(row).items() if k != "labels"}
         logits = model(**inputs).logits[:, :-1].float()  # (1, S-1, V): predicts tokens 1..S-1
-        keep = row["labels"][:, 1:] != -100
         probs = logits.detach()[keep].softmax(-1).cpu()  # (n, V)
         sampled = torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(logits.device)
-        return nn.functional.cross_entropy(logits[keep], sampled)
+        return nn.functional.cross_entropy(logits[keep], sampled, reduction="sum"), n
 
     return loss
 
@@ -109,11 +111,16 @@ def _zero3_gathered(model: nn.Module):
 def fisher_diagonal(model: nn.Module, weights: dict[str, torch.Tensor],
                     batches: list[dict[str, torch.Tensor]], loss_fn: Callable
                     ) -> tuple[dict[str, torch.Tensor], int]:
-    """Mean over calibration rows of the squared gradient of ``loss_fn(model, row)`` with
-    respect to each tensor of ``weights`` (name -> parameter); returns (name -> fp32 tensor of
-    the parameter's shape, on CPU, rows used). Each row gets its own backward: the squared
-    gradient of a batch mean would add the squared mean gradient of the batch to the Fisher.
-    Parameters keep their ``requires_grad`` and ``.grad`` (``torch.autograd.grad`` is used)."""
+    """The Fisher diagonal of the mean token loss: sum over calibration rows of the squared
+    gradient of the row's token-summed loss, over the number of target tokens.
+    ``loss_fn(model, row)`` returns (summed loss, target tokens); ``weights``: name ->
+    parameter. Returns (name -> fp32 tensor of the parameter's shape, on CPU; rows used).
+
+    Each row gets its own backward: the square of a whole batch's gradient would add the
+    squared mean gradient of the batch to the Fisher. Summed, not averaged, over a row's
+    tokens: E[(sum_t g_t)^2] = sum_t E[g_t^2] when the labels follow the model, so a row's
+    weight is its token count, as in the training loss. Parameters keep their
+    ``requires_grad`` and ``.grad`` (``torch.autograd.grad``)."""
     was_training = model.training
     model.eval()  # no dropout: the sensitivity of the model that training starts from
     rows = [r for b in batches for r in split_rows(b)]
@@ -123,9 +130,11 @@ def fisher_diagonal(model: nn.Module, weights: dict[str, torch.Tensor],
         for p in params:
             p.requires_grad_(True)
         sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+        tokens = 0
         try:
             for row in rows:
-                loss = loss_fn(model, row)
+                loss, n = loss_fn(model, row)
+                tokens += n
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for s, g in zip(sums, grads):
                     if g is not None:
@@ -133,7 +142,7 @@ def fisher_diagonal(model: nn.Module, weights: dict[str, torch.Tensor],
         finally:
             for p, f in zip(params, flags):
                 p.requires_grad_(f)
-        out = {n: (s / max(len(rows), 1)).cpu() for n, s in zip(names, sums)}
+        out = {n: (s / max(tokens, 1)).cpu() for n, s in zip(names, sums)}
     model.train(was_training)
     return out, len(rows)
 
@@ -202,12 +211,13 @@ def allocate_ranks(scores: list[float], costs: list[int], budget: int, min_rank:
         cont = [min(max(lo * s, min_rank), max_rank) for s in scores]
     ranks = [int(math.floor(c + 1e-9)) for c in cont]
     left = budget - sum(r * c for r, c in zip(ranks, costs))
-    order = sorted(range(len(ranks)), key=lambda i: (-(cont[i] - ranks[i]), i))
-    for i in order:  # one extra rank each, by shortfall, while it fits
-        if ranks[i] < max_rank and costs[i] <= left:
-            ranks[i] += 1
-            left -= costs[i]
-    return ranks
+    while True:  # one rank at a time to the largest shortfall that still fits
+        fits = [i for i in range(len(ranks)) if ranks[i] < max_rank and costs[i] <= left]
+        if not fits:
+            return ranks
+        i = min(fits, key=lambda j: (-(cont[j] - ranks[j]), j))
+        ranks[i] += 1
+        left -= costs[i]
 
 
 # ---- the rank map -------------------------------------------------------------------------------
