@@ -65,22 +65,24 @@ def _rows_from_the_model(model, n_rows, length, seed):
 
 @pytest.mark.parametrize("labels", ["model", "data"])
 def test_fisher_diagonal_matches_the_brute_force_hessian_diagonal(labels):
-    """Tolerance: 10% of the largest diagonal entry, elementwise (the estimate is Monte-Carlo:
-    one label per token, 4,000 tokens; its observed error is about 2-3%)."""
+    """Tolerance: 10% of the largest diagonal entry, elementwise, and a correlation of the
+    entries above 0.99. The estimate is Monte-Carlo (one label per token, 16,000 tokens in
+    rows of 10 targets): its observed error here is 4.8% (model labels) and 5.1% (data
+    labels, the data drawn from the model), shrinking as 1 / sqrt(tokens)."""
     model = SoftmaxLM()
-    ids = _rows_from_the_model(model, n_rows=400, length=11, seed=1)
-    batches = [{"input_ids": ids[i:i + 50], "labels": ids[i:i + 50].clone()}
-               for i in range(0, 400, 50)]
+    ids = _rows_from_the_model(model, n_rows=1600, length=11, seed=1)
+    batches = [{"input_ids": ids[i:i + 100], "labels": ids[i:i + 100].clone()}
+               for i in range(0, 1600, 100)]
     fisher, rows = fisher_diagonal(model, {"head": model.head.weight}, batches,
                                    lm_loss(labels, seed=0))
     hess = _hessian_diagonal(model, ids)
-    assert rows == 400
+    assert rows == 1600
     assert not model.head.weight.requires_grad or model.head.weight.grad is None
     err = (fisher["head"] - hess).abs().max() / hess.abs().max()
     assert err < 0.10, (err, fisher["head"], hess)
     # and it is the Hessian's diagonal, not just its scale: the ordering of entries agrees
     corr = torch.corrcoef(torch.stack([fisher["head"].flatten(), hess.flatten()]))[0, 1]
-    assert corr > 0.97
+    assert corr > 0.99
 
 
 # ---- the allocation --------------------------------------------------------------------------
