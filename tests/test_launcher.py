@@ -151,20 +151,20 @@ def test_sensitivity_lora_trains_under_the_deepspeed_launcher(tiny_model_dir, to
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
            "--master_port", str(free_port()), "--module", "sparsedoc.recipes.train",
            "--method", "sensitivity_lora", "--ds", str(REPO / "ds_configs" / ds),
-           *_overrides(tiny_model_dir, toy_data, out, max_steps=2), "logging.wandb=false",
+           *_overrides(tiny_model_dir, toy_data, out, max_steps=3), "logging.wandb=false",
            "adapter.lora.r=4", "adapter.sensitivity.calibration_batches=1"]
     _run(cmd, _env())
 
     rows = read_metrics(out / "metrics.jsonl")
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "sensitivity_lora" and summary["world_size"] == 2
     assert 0 < summary["calibration_share"] < 1 and summary["calibration_seconds"] > 0
     assert any("calibration/seconds" in r for r in rows)
     rank_map = json.loads((out / "rank_map.json").read_text())
     assert (out / "rank_map.png").stat().st_size > 0
-    ckpt = out / "checkpoints" / "step-000002"
+    ckpt = out / "checkpoints" / "step-000003"  # (the warm-up's first steps run at lr 0)
     assert json.loads((ckpt / "rank_map.json").read_text())["ranks"] == rank_map["ranks"]
     assert summary["trainable_params"] == sum(r * sum(rank_map["shapes"][n])
                                               for n, r in rank_map["ranks"].items())
