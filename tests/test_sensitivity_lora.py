@@ -273,3 +273,21 @@ def test_moe_experts_take_their_rank_from_the_map(tiny_setup, tiny_model_dir, tm
     again = _base(tiny_model_dir)
     load_moe_adapter(again, tmp_path / "moe")
     assert {n: m.lora_A.shape[1] for n, m in moe_layers(again)} == ranks
+
+
+def test_bad_settings_name_the_field():
+    from sparsedoc.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="adapter.sensitivity.min_rank / max_rank"):
+        load_config(None, ["adapter.sensitivity.min_rank=5", "adapter.sensitivity.max_rank=3"])
+    with pytest.raises(ConfigError, match="adapter.sensitivity.local_weight"):
+        load_config(None, ["adapter.sensitivity.local_weight=2"])
+    with pytest.raises(ConfigError, match="rank_allocation.*mode=linear"):
+        load_config(None, ["adapter.moe.mode=ffn", "adapter.moe.rank_allocation=sensitivity"])
+    with pytest.raises(ConfigError, match="adapter.moe.rank_pattern.*positive integer"):
+        load_config(None, ["adapter.moe.rank_pattern={x: 0}"])
+    model = TwoMatrices()
+    batches = [{"input_ids": torch.randn(4, 16), "labels": torch.randn(4, 16)}]
+    with pytest.raises(AllocationError, match="adapter.sensitivity: budget=64 .*min_rank=2"):
+        estimate_rank_map(model, ["a", "b"], batches, uniform_rank=1, budget=64, min_rank=2,
+                          loss_fn=_mse)

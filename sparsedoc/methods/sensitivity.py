@@ -302,7 +302,11 @@ def estimate_rank_map(model: nn.Module, targets: list[str], batches: list[dict],
     names = list(linears)
     scores = combine([glob[n] for n in names], [loc[n] for n in names], local_weight)
     budget = budget or uniform_budget(shapes, uniform_rank)
-    ranks = allocate_ranks(scores, [sum(shapes[n]) for n in names], budget, min_rank, max_rank)
+    try:
+        ranks = allocate_ranks(scores, [sum(shapes[n]) for n in names], budget, min_rank,
+                               max_rank)
+    except AllocationError as e:
+        raise AllocationError(f"adapter.sensitivity: {e}") from None
     return RankMap(ranks=dict(zip(names, ranks)), shapes=shapes, global_sensitivity=glob,
                    local_sensitivity=loc, score=dict(zip(names, scores)), budget=budget,
                    uniform_rank=uniform_rank, min_rank=min_rank, max_rank=max_rank,
