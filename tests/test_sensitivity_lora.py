@@ -291,3 +291,18 @@ def test_bad_settings_name_the_field():
     with pytest.raises(AllocationError, match="adapter.sensitivity: budget=64 .*min_rank=2"):
         estimate_rank_map(model, ["a", "b"], batches, uniform_rank=1, budget=64, min_rank=2,
                           loss_fn=_mse)
+
+
+def test_effective_rank_is_the_entropy_rank_of_the_singular_values():
+    from sparsedoc.methods.sensitivity import effective_rank
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(40, 12), (12, 40)]:
+        m = torch.rand(shape, generator=g) ** 3
+        s = torch.linalg.svdvals(m.double())
+        p = s / s.sum()
+        assert effective_rank(m) == pytest.approx(float(torch.exp(-(p * p.log()).sum())),
+                                                  rel=1e-3)
+    assert effective_rank(torch.outer(torch.rand(9), torch.rand(5))) == pytest.approx(1, abs=1e-3)
+    assert effective_rank(torch.eye(6)) == pytest.approx(6, rel=1e-6)
+    assert effective_rank(torch.zeros(3, 4)) == 0.0
