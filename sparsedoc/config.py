@@ -60,6 +60,40 @@ class LoraCfg:
 
 
 @dataclass
+class SensitivityCfg:
+    """Sensitivity-LoRA's rank allocation (docs/method.md, "Sensitivity-LoRA"): ranks per target
+    matrix from the empirical-Fisher diagonal on a few calibration batches, under a budget of
+    trainable parameters. The LoRA itself (r, alpha, dropout, targets) is ``adapter.lora``'s;
+    the LoRA-MoE uses these settings too when ``adapter.moe.rank_allocation=sensitivity``."""
+
+    calibration_batches: int = 4  # micro-batches of training data; one backward per row
+    budget: int = 0  # trainable adapter parameters; 0: those of the uniform-rank LoRA (r)
+    min_rank: int = 2
+    max_rank: int = 32
+    # weight of the local sensitivity (effective rank of the RMS-gradient matrix) against the
+    # global one (trace of the Fisher diagonal) in the geometric mean; 0: the trace alone
+    local_weight: float = 0.5
+    # data: next tokens of the data (empirical Fisher); model: tokens sampled from the model
+    labels: Literal["data", "model"] = "data"
+    # scale: alpha_i = alpha * r_i / r, so alpha_i / r_i is the uniform LoRA's; fixed: alpha
+    alpha_mode: Literal["scale", "fixed"] = "scale"
+
+    def __post_init__(self) -> None:
+        if self.calibration_batches < 1:
+            raise ConfigError(f"adapter.sensitivity.calibration_batches: expected >= 1, got "
+                              f"{self.calibration_batches}")
+        if self.budget < 0:
+            raise ConfigError(f"adapter.sensitivity.budget: expected >= 0 (0: the uniform "
+                              f"LoRA's), got {self.budget}")
+        if not 1 <= self.min_rank <= self.max_rank:
+            raise ConfigError(f"adapter.sensitivity.min_rank / max_rank: expected 1 <= min_rank "
+                              f"<= max_rank, got {self.min_rank} / {self.max_rank}")
+        if not 0.0 <= self.local_weight <= 1.0:
+            raise ConfigError(f"adapter.sensitivity.local_weight: expected 0 <= w <= 1, got "
+                              f"{self.local_weight}")
+
+
+@dataclass
 class MoECfg:
     """LoRA-MoE: E LoRA experts of rank r behind a learned top-k router per targeted linear."""
 
@@ -99,6 +133,11 @@ class MoECfg:
     router_lr_scale: float = 1.0
     collapse_threshold: float = 0.9  # share of tokens sent to one expert that counts as collapse
     collapse_patience: int = 20  # consecutive logged steps above the threshold before warning
+    # sensitivity: each wrapped linear's expert rank from the Sensitivity-LoRA rank map
+    # (adapter.sensitivity settings, budget: the uniform r's); uniform: r everywhere
+    rank_allocation: Literal["uniform", "sensitivity"] = "uniform"
+    # module name -> expert rank, filled by rank_allocation=sensitivity (modules not named: r)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -108,6 +147,14 @@ class MoECfg:
                               f"({self.num_experts}), got {self.top_k}")
         if self.r < 1:
             raise ConfigError(f"adapter.moe.r: expected a positive rank, got {self.r}")
+        bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v < 1}
+        if bad:
+            raise ConfigError(f"adapter.moe.rank_pattern: expected positive integer ranks, got "
+                              f"{bad}")
+        if self.mode == "ffn" and (self.rank_allocation != "uniform" or self.rank_pattern):
+            raise ConfigError("adapter.moe.rank_allocation / rank_pattern: per-module expert "
+                              "ranks apply to mode=linear (each wrapped linear gets its own); "
+                              "set rank_allocation=uniform for mode=ffn")
         if self.mode == "ffn" and self.top_k < 2:
             raise ConfigError("adapter.moe.top_k: mode=ffn needs top_k >= 2 (its gates are "
                               "renormalised over the chosen experts as in Mixtral, so with "
@@ -148,6 +195,7 @@ class AdapterCfg:
     method: str = "lora_moe"  # a name in sparsedoc.methods.METHODS
     lora: LoraCfg = field(default_factory=LoraCfg)
     moe: MoECfg = field(default_factory=MoECfg)
+    sensitivity: SensitivityCfg = field(default_factory=SensitivityCfg)
     prompt: PromptCfg = field(default_factory=PromptCfg)
 
 
@@ -333,6 +381,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], key)
+    if origin is dict:
+        key_tp, item_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r:.60}")
+        return {_coerce(k, key_tp, key): _coerce(v, item_tp, f"{key}[{k}]")
+                for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):  # CLI: a,b,c

@@ -138,3 +138,40 @@ def test_wandb_offline_run_is_written_into_the_run_folder(tiny_model_dir, toy_da
     # the W&B run id is kept in the checkpoint so a resume continues the same run
     state = json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
     assert state["wandb_id"] and runs[0].name == f"run-{state['wandb_id']}.wandb"
+
+
+@pytest.mark.parametrize("ds", ["zero2.json", "zero3.json"])
+def test_sensitivity_lora_trains_under_the_deepspeed_launcher(tiny_model_dir, toy_data, tmp_path,
+                                                              ds):
+    """Both ranks estimate the same rank map (the same seeded calibration sample, the
+    ZeRO-3 shards gathered for it), train with it, and the map is what the adapter holds."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
+           "--master_port", str(free_port()), "--module", "sparsedoc.recipes.train",
+           "--method", "sensitivity_lora", "--ds", str(REPO / "ds_configs" / ds),
+           *_overrides(tiny_model_dir, toy_data, out, max_steps=3), "logging.wandb=false",
+           "adapter.lora.r=4", "adapter.sensitivity.calibration_batches=1"]
+    _run(cmd, _env())
+
+    rows = read_metrics(out / "metrics.jsonl")
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "sensitivity_lora" and summary["world_size"] == 2
+    assert 0 < summary["calibration_share"] < 1 and summary["calibration_seconds"] > 0
+    assert any("calibration/seconds" in r for r in rows)
+    rank_map = json.loads((out / "rank_map.json").read_text())
+    assert (out / "rank_map.png").stat().st_size > 0
+    ckpt = out / "checkpoints" / "step-000003"  # (the warm-up's first steps run at lr 0)
+    assert json.loads((ckpt / "rank_map.json").read_text())["ranks"] == rank_map["ranks"]
+    assert summary["trainable_params"] == sum(r * sum(rank_map["shapes"][n])
+                                              for n, r in rank_map["ranks"].items())
+    adapter = load_file(ckpt / "adapter" / "adapter_model.safetensors")
+    for name, r in rank_map["ranks"].items():
+        a = adapter[f"base_model.model.{name}.lora_A.weight"]
+        b = adapter[f"base_model.model.{name}.lora_B.weight"]
+        assert a.shape[0] == r and b.shape[1] == r and b.abs().sum() > 0, name  # full, trained
+    if ds == "zero3.json":
+        _check_export(out, ckpt, "train_lora.py", tiny_model_dir, tmp_path / "export")

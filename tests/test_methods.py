@@ -20,14 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_registered_method_is_the_class_of_that_name():
-    assert list(methods.METHODS) == ["lora_moe", "lora", "full", "prompt"]
+    assert list(methods.METHODS) == ["lora_moe", "lora", "full", "prompt", "sensitivity_lora"]
     for name in methods.METHODS:
         cls = method_class(name)
         assert cls.name == name and type(new_method(name)) is cls
         assert cls.title and cls.summary and cls.tag
     assert method_name("moe") == "lora_moe"
     with pytest.raises(UnknownMethod, match="unknown method 'lora_mo'; expected one of "
-                                            "lora_moe, lora, full, prompt"):
+                                            "lora_moe, lora, full, prompt, "
+                                            "sensitivity_lora"):
         method_class("lora_mo")
 
 
@@ -50,7 +51,8 @@ def test_export_modes_are_the_methods_own():
 def test_sweep_short_names_come_from_the_methods():
     from sparsedoc.sweep import param_aliases, resolve_param
 
-    assert param_aliases()["rank"] == {"lora_moe": "adapter.moe.r", "lora": "adapter.lora.r"}
+    assert param_aliases()["rank"] == {"lora_moe": "adapter.moe.r", "lora": "adapter.lora.r",
+                                       "sensitivity_lora": "adapter.lora.r"}
     assert resolve_param("moe", "experts") == "adapter.moe.num_experts"
     with pytest.raises(ValueError, match="--param experts does not apply to method lora"):
         resolve_param("lora", "experts")

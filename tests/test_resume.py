@@ -18,9 +18,12 @@ from sparsedoc.logging import read_metrics
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _train_lora(tiny_model_dir, toy_data, out_dir, *extra) -> None:
+def _train_lora(tiny_model_dir, toy_data, out_dir, *extra, method="lora") -> None:
     train, evals = toy_data
-    cmd = [sys.executable, str(REPO / "recipes" / "train_lora.py"),
+    script = ([str(REPO / "recipes" / "train_lora.py")] if method == "lora" else
+              ["-m", "sparsedoc.recipes.train", "--method", method,
+               "adapter.sensitivity.calibration_batches=1"])
+    cmd = [sys.executable, *script,
            f"model.name_or_path={tiny_model_dir}", f"data.train_files=[{train}]",
            f"data.eval_files=[{evals}]", f"train.output_dir={out_dir}", "train.max_steps=6",
            "train.micro_batch_size=4", "train.eval_every=2", "train.log_every=1",
@@ -37,15 +40,22 @@ def _by_step(rows, key):
 
 
 @pytest.mark.slow
-def test_stop_and_resume_gives_the_same_losses(tiny_model_dir, toy_data, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "sensitivity_lora"])
+def test_stop_and_resume_gives_the_same_losses(tiny_model_dir, toy_data, tmp_path, method):
+    """Sensitivity-LoRA's resume reads its rank map back from the checkpoint."""
     from safetensors.torch import load_file
 
     a, b = tmp_path / "a", tmp_path / "b"
-    _train_lora(tiny_model_dir, toy_data, a)
-    _train_lora(tiny_model_dir, toy_data, b, "train.stop_at=3")
+    _train_lora(tiny_model_dir, toy_data, a, method=method)
+    _train_lora(tiny_model_dir, toy_data, b, "train.stop_at=3", method=method)
     assert [p.name for p in list_checkpoints(b)] == ["step-000003"]
     assert json.loads((b / "summary.json").read_text())["steps"] == 3
-    _train_lora(tiny_model_dir, toy_data, b, "train.resume_from=auto")
+    _train_lora(tiny_model_dir, toy_data, b, "train.resume_from=auto", method=method)
+    if method == "sensitivity_lora":
+        map_a = json.loads((a / "rank_map.json").read_text())
+        assert json.loads((b / "rank_map.json").read_text())["ranks"] == map_a["ranks"]
+        assert json.loads((b / "summary.json").read_text())["rank_map"]["params"] == sum(
+            r * sum(map_a["shapes"][n]) for n, r in map_a["ranks"].items())
 
     rows_a, rows_b = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
     assert yaml.safe_load((b / "config.yaml").read_text())["adapter"]["lora"]["dropout"] == 0.05

@@ -348,6 +348,8 @@ def render_model_card(info: dict) -> str:
         lines += ["```yaml", yaml.safe_dump(plain, sort_keys=False).rstrip(), "```", ""]
     else:
         lines += [f"{adapter or NOT_RECORDED}", ""]
+    if known is not None:
+        lines += known.card_lines(lineage)
     lines += _training(lineage, datasets, step)
     lines += _evaluation(lineage, step)
     lines += ["## Verification", ""] + _verification(info.get("verification"))

@@ -20,6 +20,7 @@ METHODS = {
     "lora": "sparsedoc.methods.lora:LoraMethod",
     "full": "sparsedoc.methods.full:FullMethod",
     "prompt": "sparsedoc.methods.prompt:PromptMethod",
+    "sensitivity_lora": "sparsedoc.methods.sensitivity_lora:SensitivityLoraMethod",
 }
 ALIASES = {"moe": "lora_moe"}  # accepted on the command line
 

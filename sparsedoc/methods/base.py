@@ -51,6 +51,18 @@ class Method:
     # the loss components ``compute_loss`` reports: name -> key of its metrics (the loop names
     # the non-finite ones when it skips a micro-batch)
     loss_terms: dict[str, str] = {}
+    plan_batches = 0  # micro-batches handed to ``plan`` before ``build`` (0: not called)
+
+    def configure(self, cfg: Config) -> None:
+        """Read the settings ``plan_batches`` depends on; called before ``plan`` and ``build``."""
+
+    def plan(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Decide, from the frozen base ``model`` and a few training batches, what ``build``
+        will build (Sensitivity-LoRA's rank map). Called on every rank of a fresh run with the
+        same batches (the same seeded sample everywhere, so every rank decides the same)."""
+
+    def restore_plan(self, ckpt_dir: Path) -> None:
+        """On resume, instead of ``plan``: what ``plan`` decided, read back from ``ckpt_dir``."""
 
     def build(self, model: nn.Module, cfg: Config) -> nn.Module:
         raise NotImplementedError
@@ -113,6 +125,21 @@ class Method:
         """Rank-0 extras saved into a checkpoint (plots, telemetry); returns images to log as
         ``{metric key: file name inside the checkpoint}``."""
         return {}
+
+    def write_run_files(self, run_dir: Path) -> dict[str, str]:
+        """Rank-0 files the method adds to the run folder when it opens (the rank map);
+        returns images to log as ``{metric key: file name inside run_dir}``."""
+        return {}
+
+    def run_facts(self) -> dict:
+        """Extra entries for the run's ``summary.json``."""
+        return {}
+
+    @classmethod
+    def card_lines(cls, lineage: dict) -> list[str]:
+        """Markdown the model card adds for this method (a section of its own), from the
+        export's lineage (``sparsedoc.export.lineage.collect_lineage``)."""
+        return []
 
     # ---- after training -------------------------------------------------------------------------
     @classmethod

@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsedoc.config import Config, ConfigError, MoECfg
+from sparsedoc.config import Config, ConfigError, MoECfg, replace
 from sparsedoc.data.batch import model_inputs, real_tokens
 from sparsedoc.methods.base import Method, MethodError
+from sparsedoc.methods.sensitivity import (RANK_MAP_FILE, RANK_PLOT_FILE, RankMap,
+                                           estimate_rank_map, plot_rank_map)
 from sparsedoc.models.load import resolve_model_path
 from sparsedoc.moe import losses
 from sparsedoc.moe.inject import (block_index, inject_lora_moe, load_moe_adapter, moe_layers,
@@ -81,6 +83,7 @@ class LoraMoEMethod(Method):
 
     def __init__(self) -> None:
         self.cfg: MoECfg | None = None
+        self.rank_map = None  # sensitivity.RankMap with rank_allocation=sensitivity
         self.seed = 0
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (reprs, labels) per micro
         self.micro_in_step = 0
@@ -90,9 +93,42 @@ class LoraMoEMethod(Method):
         self.router_finite: torch.Tensor | None = None  # (routers,) of the last forward
         self.pending_before = 0
 
+    # ---- the expert ranks (adapter.moe.rank_allocation=sensitivity) ---------------------------
+    def configure(self, cfg: Config) -> None:
+        self.run_cfg = cfg
+        if cfg.adapter.moe.rank_allocation == "sensitivity":
+            self.plan_batches = cfg.adapter.sensitivity.calibration_batches
+
+    def plan(self, model: nn.Module, batches: list[dict]) -> None:
+        """Sensitivity-LoRA's rank map on the frozen base, as each wrapped linear's expert
+        rank (the budget: one expert's parameters at the uniform rank r)."""
+        moe, s = self.run_cfg.adapter.moe, self.run_cfg.adapter.sensitivity
+        self.rank_map = estimate_rank_map(
+            model, moe.target_modules, batches, uniform_rank=moe.r, budget=s.budget,
+            min_rank=s.min_rank, max_rank=s.max_rank, local_weight=s.local_weight,
+            labels=s.labels, seed=self.run_cfg.train.seed)
+
+    def restore_plan(self, ckpt_dir: Path) -> None:
+        self.rank_map = RankMap.load(Path(ckpt_dir) / RANK_MAP_FILE)
+
+    def write_run_files(self, run_dir: Path) -> dict[str, str]:
+        if self.rank_map is None:
+            return {}
+        self.rank_map.save(run_dir / RANK_MAP_FILE)
+        plot_rank_map(self.rank_map, run_dir / RANK_PLOT_FILE,
+                      f"LoRA-MoE expert ranks from sensitivity (uniform r="
+                      f"{self.rank_map.uniform_rank}, {self.rank_map.params:,} of "
+                      f"{self.rank_map.budget:,} params per expert)")
+        return {"sensitivity/rank_map": RANK_PLOT_FILE}
+
+    def run_facts(self) -> dict:
+        return {"rank_map": self.rank_map.summary()} if self.rank_map is not None else {}
+
     # ---- build ------------------------------------------------------------------------------
     def build(self, model: nn.Module, cfg: Config) -> nn.Module:
         self.cfg, self.seed = cfg.adapter.moe, cfg.train.seed
+        if self.rank_map is not None:  # the adapter's own config carries the ranks it has
+            self.cfg = replace(self.cfg, rank_pattern=dict(self.rank_map.ranks))
         self.dispatch = resolve_dispatch(self.cfg.dispatch)
         self.calibration_batches = self.cfg.router_calibration_batches
         self.base_model = resolve_model_path(cfg.model)
@@ -110,9 +146,12 @@ class LoraMoEMethod(Method):
         self.stats = RoutingStats(self.router_names, self.cfg.num_experts,
                                   [block_index(n) for n in self.router_names],
                                   self.cfg.collapse_threshold, self.cfg.collapse_patience)
-        log.info("LoRA-MoE: %d layers wrapped, %d routers, E=%d top-%d r=%d, dispatch=%s, "
+        log.info("LoRA-MoE: %d layers wrapped, %d routers, E=%d top-%d r=%s, dispatch=%s, "
                  "contrastive=%s, memory queue %.2f MiB", len(self.layer_names), len(routers),
-                 self.cfg.num_experts, self.cfg.top_k, self.cfg.r, self.dispatch,
+                 self.cfg.num_experts, self.cfg.top_k,
+                 self.cfg.r if self.rank_map is None else
+                 f"{min(self.rank_map.ranks.values())}..{max(self.rank_map.ranks.values())}"
+                 " (sensitivity)", self.dispatch,
                  self.cfg.contrastive, queue_bytes(model) / 2**20)
         return model
 
@@ -315,6 +354,8 @@ class LoraMoEMethod(Method):
         return mode
 
     def on_checkpoint(self, model: nn.Module, ckpt_dir: Path, step: int) -> dict[str, str]:
+        if self.rank_map is not None:
+            self.rank_map.save(ckpt_dir / RANK_MAP_FILE)  # what a resume restores
         png = self.stats.heatmap(ckpt_dir / "routing_heatmap.png",
                                  f"expert load share, steps up to {step}")
         return {"moe/routing_heatmap": png.name} if png is not None else {}

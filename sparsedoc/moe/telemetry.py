@@ -130,9 +130,10 @@ def plot_load_heatmap(grid, row_labels: list[str], path: Path, title: str,
                       xlabel: str = "expert", ylabel: str = "decoder layer",
                       vmax: float | None = None, annotate: bool = False,
                       colorbar_label: str = "share of token assignments",
-                      col_labels: list[str] | None = None) -> Path:
+                      col_labels: list[str] | None = None, value_format: str = ".2f") -> Path:
     """A rows x experts share heatmap as PNG. ``vmax`` None scales to the data; ``annotate``
-    writes each value in its cell (small grids only); ``col_labels`` names the columns."""
+    writes each value in its cell (small grids only, as ``value_format``); ``col_labels``
+    names the columns."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +156,7 @@ def plot_load_heatmap(grid, row_labels: list[str], path: Path, title: str,
     if annotate and rows * cols <= 200:
         for r in range(rows):
             for c in range(cols):
-                ax.text(c, r, f"{grid[r, c]:.2f}", ha="center", va="center", fontsize=6,
+                ax.text(c, r, format(grid[r, c], value_format), ha="center", va="center", fontsize=6,
                         color="white" if grid[r, c] < 0.6 * top else "black")
     fig.colorbar(im, ax=ax, label=colorbar_label)
     fig.tight_layout()

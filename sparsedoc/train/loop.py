@@ -128,6 +128,8 @@ class Trainer:
         self.skips = SkipCounter()
         self.resume_plan: resume_check.ResumePlan | None = None
         self.saved_step = -1  # the step this process last saved a checkpoint at
+        self.calibration_seconds = 0.0  # plan + calibrate, before the first step
+        self.start = time.perf_counter()
 
     # ---- setup ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -148,6 +150,20 @@ class Trainer:
             from transformers.integrations import HfDeepSpeedConfig
             self.hf_ds_config = HfDeepSpeedConfig(self.ds)
         model, self.tokenizer, self.model_path = load_model_and_tokenizer(cfg.model, dtype)
+        # The data comes before the adapter: a method may plan its adapter from training
+        # batches (Sensitivity-LoRA's ranks). The RNG is forked so the adapter's initialisation
+        # draws what it drew when the adapter was built straight after loading.
+        with torch.random.fork_rng(devices=[self.dev] if self.dev.type == "cuda" else []):
+            self.data = prepare_data(cfg.data, self.tokenizer, cfg.train.seed,
+                                     progress=is_main())
+            method.check_data(cfg, self.data.stats["train_labels"])
+            log_data_stats(self.data.stats, cfg)
+            self.faults = FaultInjector(self.rank)
+            self.record = resume_check.run_record(
+                cfg, self.world, resume_check.data_hash(cfg, self.data.manifests))
+            self.check_resume()  # refuses a changed world size or data before DeepSpeed starts
+            self.collate = make_collator(cfg.data, self.tokenizer, self.data.label_vocab)
+            self.plan(model)
         model = method.build(model, cfg)
         if cfg.train.gradient_checkpointing:
             enable_activation_checkpointing(model)
@@ -155,15 +171,6 @@ class Trainer:
         log.info("method=%s trainable params: %s of %s (%.3f%%)", method.name,
                  f"{self.n_trainable:,}", f"{self.n_total:,}",
                  100 * self.n_trainable / self.n_total)
-
-        self.data = prepare_data(cfg.data, self.tokenizer, cfg.train.seed, progress=is_main())
-        method.check_data(cfg, self.data.stats["train_labels"])
-        log_data_stats(self.data.stats, cfg)
-        self.faults = FaultInjector(self.rank)
-        self.record = resume_check.run_record(cfg, self.world,
-                                              resume_check.data_hash(cfg, self.data.manifests))
-        self.check_resume()  # refuses a changed world size or data before DeepSpeed starts
-        self.collate = make_collator(cfg.data, self.tokenizer, self.data.label_vocab)
         self.loader = train_loader(self.data.train, self.collate, cfg.train.micro_batch_size,
                                    self.rank, self.world, cfg.train.seed, cfg.data.num_workers,
                                    cfg.data.group_by_length)
@@ -173,6 +180,26 @@ class Trainer:
             model=model, model_parameters=method.param_groups(model, cfg.train.lr), config=self.ds)
         self.checked_layers = method.checked_layers(self.engine.module)
         self.resume()
+
+    def plan(self, model) -> None:
+        """A method that plans its adapter from data (``Method.plan``) gets the same seeded
+        sample of training batches on every rank, whatever the world size, so every rank (and
+        a rerun on another cluster) decides the same; a resumed run reads the plan back."""
+        self.method.configure(self.cfg)
+        if not self.method.plan_batches:
+            return
+        start = time.perf_counter()
+        if self.resumed_from is not None:
+            self.method.restore_plan(self.resumed_from)
+        else:
+            t = self.cfg.train
+            batches = calibration_batches(self.data.train, self.collate, self.method.plan_batches,
+                                          t.micro_batch_size, 0, 1, t.seed)
+            if self.dev.type == "cuda" and not any(hasattr(p, "ds_id")
+                                                   for p in model.parameters()):
+                model.to(self.dev)  # the engine would move it there anyway
+            self.method.plan(model, [_to_device(b, self.dev) for b in batches])
+        self.calibration_seconds += time.perf_counter() - start
 
     def check_resume(self) -> None:
         """Compare the checkpoint to resume from with this run (``resume_check``)."""
@@ -219,6 +246,7 @@ class Trainer:
         for i, manifest in enumerate(self.data.manifests):
             shutil.copy(manifest, self.run_dir / (f"data_manifest_{i}.json" if i
                                                   else "data_manifest.json"))
+        images = self.method.write_run_files(self.run_dir)
         loggers = [JsonlLogger(self.run_dir / "metrics.jsonl",
                                truncate_after_step=self.pos.step if self.resumed_from else 0)]
         if cfg.logging.wandb and cfg.logging.mode != "disabled":
@@ -227,6 +255,10 @@ class Trainer:
             self.pos.wandb_id = wb.run_id
             loggers.append(wb)
         self.logger = MultiLogger(loggers)
+        for key, name in images.items():
+            self.logger.log_image(key, self.run_dir / name, self.pos.step)
+        if self.calibration_seconds:
+            self.logger.log({"calibration/seconds": self.calibration_seconds}, self.pos.step)
 
     # ---- calibrate ------------------------------------------------------------------------
     def calibrate(self) -> None:
@@ -235,10 +267,12 @@ class Trainer:
         if self.resumed_from is not None or not self.method.calibration_batches:
             return
         t = self.cfg.train
+        start = time.perf_counter()
         batches = calibration_batches(self.data.train, self.collate,
                                       self.method.calibration_batches, t.micro_batch_size,
                                       self.rank, self.world, t.seed)
         self.method.calibrate(self.engine, [_to_device(b, self.dev) for b in batches])
+        self.calibration_seconds += time.perf_counter() - start
 
     # ---- the steps ------------------------------------------------------------------------
     def batches(self) -> Iterator[dict]:
@@ -452,6 +486,11 @@ class Trainer:
                    "trainable_params": self.n_trainable, "total_params": self.n_total,
                    "trainable_pct": 100 * self.n_trainable / self.n_total,
                    "train_seconds": time.perf_counter() - self.train_start,
+                   # before the first step: the method's plan (Sensitivity-LoRA's Fisher
+                   # estimate) and calibration; share: of the whole run, set-up to summary
+                   "calibration_seconds": self.calibration_seconds,
+                   "calibration_share": self.calibration_seconds
+                   / max(time.perf_counter() - self.start, 1e-9),
                    "tokens_per_s": _median(self.token_rates),
                    "step_time_s": _median(self.step_times),
                    "eval_loss_start": self.first_eval, "eval_loss_final": final_eval,
@@ -462,7 +501,8 @@ class Trainer:
                                                               "turns_dropped", "turns_cut",
                                                               "skipped")}
                             for split in ("train", "eval")},
-                   "final_checkpoint": str(last) if last else None}
+                   "final_checkpoint": str(last) if last else None,
+                   **self.method.run_facts()}
         if is_main():
             fsio.write_json(self.run_dir / RUN_SUMMARY, summary)  # last: artifacts.run_finished
             self.logger.close()
@@ -471,6 +511,9 @@ class Trainer:
             log.info("checkpoint: %s", Path(last).resolve() if last else None)
             if self.first_eval is not None:
                 log.info("held-out loss: %.4f -> %.4f", self.first_eval, final_eval)
+            if self.calibration_seconds:
+                log.info("calibration: %.2f s, %.1f%% of the run", self.calibration_seconds,
+                         100 * summary["calibration_share"])
         barrier()
         release_cpu_comm_buffers()
         return TrainResult(self.run_dir, Path(last) if last else self.run_dir, summary)
