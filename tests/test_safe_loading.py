@@ -163,15 +163,22 @@ def test_the_user_s_own_opt_in_does_run_a_model_folder_s_code(tmp_path, tiny_mod
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
     marker = tmp_path / "REMOTE_CODE_RAN"
+    # subclasses: transformers registers a remote class for the Auto classes, and registering
+    # LlamaForCausalLM itself would make every later save_pretrained copy "remote" code
     (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                    "from transformers import LlamaConfig as EvilConfig\n"
-                                    "from transformers import LlamaForCausalLM as EvilModel\n")
+                                    "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                                    "class EvilConfig(LlamaConfig):\n    pass\n"
+                                    "class EvilModel(LlamaForCausalLM):\n"
+                                    "    config_class = EvilConfig\n")
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig",
                           "AutoModelForCausalLM": "evil.EvilModel"}
     (folder / "config.json").write_text(json.dumps(config))
     model, _, loaded = load_trained(str(folder), device="cpu", trust_remote_code=True)
     assert marker.exists() and loaded.kind == "hf"
+    assert type(model).__name__ == "EvilModel"
+    from transformers import LlamaForCausalLM
+    assert getattr(LlamaForCausalLM, "_auto_class", None) is None  # nothing leaks to later tests
 
     ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
     ckpt.mkdir(parents=True)
