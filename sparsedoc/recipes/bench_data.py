@@ -114,7 +114,7 @@ def _descendants_rss(proc) -> dict[int, int]:
     return out
 
 
-def start_run(corpus: Path, out: Path, cache_dir: Path, ranks: int = 2) -> dict:
+def start_run(corpus: Path, out: Path, cache_dir: Path, max_seq_len: int, ranks: int = 2) -> dict:
     """A 2-rank LoRA run on ``corpus``: seconds from launch to the first optimizer step (the
     first line of metrics.jsonl; logged at every step) and each rank's peak RSS, sampled."""
     from sparsedoc.recipes import train_command
@@ -123,7 +123,7 @@ def start_run(corpus: Path, out: Path, cache_dir: Path, ranks: int = 2) -> dict:
         shutil.rmtree(out)
     cmd = train_command("lora", [
            f"data.train_files=[{corpus}]", "data.eval_files=[]", "data.tokenize_cache=always",
-           f"data.cache_dir={cache_dir}", "data.max_seq_len=256", "train.max_steps=2",
+           f"data.cache_dir={cache_dir}", f"data.max_seq_len={max_seq_len}", "train.max_steps=2",
            "train.micro_batch_size=2", "train.log_every=1", "train.eval_every=0",
            "train.save_every=1000", f"train.output_dir={out}", "logging.wandb=false"], gpus=ranks)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -153,7 +153,8 @@ def markdown(res: dict) -> str:
     one, many = tp[0], tp[-1]
     lines = [f"# Data path on {res['records']:,} generated records", "",
              f"Corpus drawn from the shared samples ({', '.join(s[0] for s in SOURCES)}); "
-             f"{res['corpus_mib']:.0f} MiB of JSONL. Machine: {os.cpu_count()} CPU cores.", "",
+             f"{res['corpus_mib']:.0f} MiB of JSONL; data.max_seq_len={res['max_seq_len']}. "
+             f"Machine: {os.cpu_count()} CPU cores.", "",
              "| tokenize into the cache | records | s | records/s | tokens/s |",
              "|---|---|---|---|---|"]
     for t in tp:
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenize-records", type=int, default=50_000,
                    help="records timed for the 1-process vs num_proc comparison")
     p.add_argument("--num-proc", type=int, default=2)
+    p.add_argument("--max-seq-len", type=int, default=512, help="data.max_seq_len of every step")
     p.add_argument("--shared", default="../shared/data", help="the shared samples, as released")
     p.add_argument("--out", default="runs/bench_data")
     p.add_argument("--seed", type=int, default=0)
@@ -197,15 +199,18 @@ def main(argv: list[str] | None = None) -> int:
                        args.tokenize_records, args.seed + 2)
     tokenizer = load_tokenizer(resolve_model_path(ModelCfg()))
     res = {"records": args.records, "corpus_mib": corpus.stat().st_size / 2**20,
-           "tokenize": [tokenize_throughput(sub, n, tokenizer, 256) for n in (1, args.num_proc)]}
+           "tokenize": [tokenize_throughput(sub, n, tokenizer, args.max_seq_len)
+                        for n in (1, args.num_proc)]}
     print(json.dumps(res["tokenize"], indent=1), flush=True)
     cache = out / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     starts = {}
-    starts["1k"] = start_run(small, out / "run_1k", cache)  # builds the 1k cache
-    starts["1k"] = start_run(small, out / "run_1k", cache)  # warm, as the full corpus below
-    starts["full, cache cold"] = start_run(corpus, out / "run_full", cache)
-    starts["full, cache warm"] = start_run(corpus, out / "run_full", cache)
+    n = args.max_seq_len
+    starts["1k"] = start_run(small, out / "run_1k", cache, n)  # builds the 1k cache
+    starts["1k"] = start_run(small, out / "run_1k", cache, n)  # warm, as the full corpus below
+    starts["full, cache cold"] = start_run(corpus, out / "run_full", cache, n)
+    starts["full, cache warm"] = start_run(corpus, out / "run_full", cache, n)
+    res["max_seq_len"] = n
     res["starts"] = starts
     fsio.write_json(out / "bench_data.json", res)
     fsio.write_text(out / "bench_data.md", markdown(res))
