@@ -64,7 +64,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(json.dumps({"chat_template": tokenizer.chat_template,
-                         "special": tokenizer.special_tokens_map, "class": type(tokenizer).__name__},
+                         "special": tokenizer.special_tokens_map,
+                         "class": type(tokenizer).__name__},
                         sort_keys=True, default=str).encode())
     return h.hexdigest()
 
