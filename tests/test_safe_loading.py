@@ -112,37 +112,56 @@ def test_a_malicious_adapter_bin_is_refused(tmp_path, tiny_model_dir):
     assert not (tmp_path / "PAYLOAD_RAN").exists()
 
 
-def test_a_run_config_cannot_turn_on_trust_remote_code(tmp_path, tiny_model_dir):
-    from sparsedoc.loader import load_trained
-
+def _run_asking_for_remote_code(tmp_path, tiny_model_dir) -> Path:
     ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1}))
     (ckpt / "config.yaml").write_text(yaml.safe_dump(
         {"model": {"name_or_path": str(tiny_model_dir), "trust_remote_code": True},
          "adapter": {"method": "lora"}}))
-    with pytest.raises(UserError, match="trust_remote_code=true"):
+    return ckpt
+
+
+def test_a_run_config_cannot_turn_on_trust_remote_code(tmp_path, tiny_model_dir):
+    from sparsedoc.loader import load_trained
+
+    ckpt = _run_asking_for_remote_code(tmp_path, tiny_model_dir)
+    with pytest.raises(UserError, match="trust_remote_code=true.*pass --trust-remote-code"):
         load_trained(str(ckpt))
+    # with the user's opt-in it gets past that gate: the next check speaks (no adapter here)
+    with pytest.raises(UserError, match="adapter: missing"):
+        load_trained(str(ckpt), trust_remote_code=True)
 
 
-def test_a_model_folder_s_own_code_never_runs_by_default(tmp_path, tiny_model_dir):
-    """A model folder whose config points the Auto classes at its own Python (auto_map) is
-    loaded with the built-in class, or refused; its code is never imported."""
+def _model_folder_with_its_own_code(tmp_path, tiny_model_dir) -> tuple[Path, Path]:
+    """A copy of the tiny model whose config points the Auto classes at its own ``evil.py``,
+    which creates the returned marker file when imported. It defines subclasses: transformers
+    registers a remote class for the Auto classes, and registering LlamaForCausalLM itself
+    would make every later ``save_pretrained`` in the session look for remote code."""
     import shutil
-
-    from sparsedoc.config import ModelCfg
-    from sparsedoc.models.load import load_model_and_tokenizer
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
     marker = tmp_path / "REMOTE_CODE_RAN"
     (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                    "from transformers import LlamaConfig as EvilConfig\n"
-                                    "from transformers import LlamaForCausalLM as EvilModel\n")
+                                    "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                                    "class EvilConfig(LlamaConfig):\n    pass\n"
+                                    "class EvilModel(LlamaForCausalLM):\n"
+                                    "    config_class = EvilConfig\n")
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig",
                           "AutoModelForCausalLM": "evil.EvilModel"}
     (folder / "config.json").write_text(json.dumps(config))
+    return folder, marker
+
+
+def test_a_model_folder_s_own_code_never_runs_by_default(tmp_path, tiny_model_dir):
+    """A model folder whose config points the Auto classes at its own Python (auto_map) is
+    loaded with the built-in class, or refused; its code is never imported."""
+    from sparsedoc.config import ModelCfg
+    from sparsedoc.models.load import load_model_and_tokenizer
+
+    folder, marker = _model_folder_with_its_own_code(tmp_path, tiny_model_dir)
     assert ModelCfg().trust_remote_code is False
     try:
         model, _, _ = load_model_and_tokenizer(ModelCfg(name_or_path=str(folder)))
@@ -154,44 +173,16 @@ def test_a_model_folder_s_own_code_never_runs_by_default(tmp_path, tiny_model_di
 
 def test_the_user_s_own_opt_in_does_run_a_model_folder_s_code(tmp_path, tiny_model_dir):
     """Positive control for the test above: the same folder, loaded with the user's
-    ``--trust-remote-code``, does import its own Python; so the default really is what keeps it
-    out. A run config that asks for remote code loads once the user opts in."""
-    import shutil
+    ``--trust-remote-code``, does import its own Python; so the default really is what keeps
+    it out."""
+    from transformers import LlamaForCausalLM
 
     from sparsedoc.loader import load_trained
 
-    folder = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, folder)
-    marker = tmp_path / "REMOTE_CODE_RAN"
-    # subclasses: transformers registers a remote class for the Auto classes, and registering
-    # LlamaForCausalLM itself would make every later save_pretrained copy "remote" code
-    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                    "from transformers import LlamaConfig, LlamaForCausalLM\n"
-                                    "class EvilConfig(LlamaConfig):\n    pass\n"
-                                    "class EvilModel(LlamaForCausalLM):\n"
-                                    "    config_class = EvilConfig\n")
-    config = json.loads((folder / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "evil.EvilConfig",
-                          "AutoModelForCausalLM": "evil.EvilModel"}
-    (folder / "config.json").write_text(json.dumps(config))
+    folder, marker = _model_folder_with_its_own_code(tmp_path, tiny_model_dir)
     model, _, loaded = load_trained(str(folder), device="cpu", trust_remote_code=True)
-    assert marker.exists() and loaded.kind == "hf"
-    assert type(model).__name__ == "EvilModel"
-    from transformers import LlamaForCausalLM
+    assert marker.exists() and loaded.kind == "hf" and type(model).__name__ == "EvilModel"
     assert getattr(LlamaForCausalLM, "_auto_class", None) is None  # nothing leaks to later tests
-
-    ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
-    ckpt.mkdir(parents=True)
-    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1}))
-    (ckpt / "config.yaml").write_text(yaml.safe_dump(
-        {"model": {"name_or_path": str(tiny_model_dir), "trust_remote_code": True},
-         "adapter": {"method": "lora"}}))
-    with pytest.raises(UserError, match="pass --trust-remote-code"):
-        load_trained(str(ckpt))
-    # past the gate, the next check speaks: this checkpoint has no adapter folder
-    with pytest.raises(UserError, match="adapter: missing"):
-        load_trained(str(ckpt), trust_remote_code=True)
-
 
 BF16_CHECKPOINTS = '''
 import os, sys, torch, deepspeed
