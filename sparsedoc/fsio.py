@@ -1,4 +1,5 @@
-"""Atomic writes: a reader (or a crash) sees the old file or the new one, never half of one.
+"""Atomic writes: a reader (or a crash) sees the old file or the new one, never half of one;
+and the one file digest (``file_sha256``) every content key is built from.
 
 Every writer of a file that something else reads back (configs, summaries, scores, reports,
 resume caches) goes through here. A leaf module: it imports nothing from sparsedoc, so any layer
@@ -7,12 +8,31 @@ may use it.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks. Remembered per (path, size, mtime) for
+    the life of the process: a run's start hashes its data files for the tokenize cache and for
+    the resume record, and a million-record file is read once, not twice."""
+    st = os.stat(path)
+    return _sha256_of(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _temp_next_to(path: Path) -> Path:

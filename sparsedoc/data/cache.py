@@ -19,11 +19,13 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sparsedoc.cachedir import build_once, cache_home
+from sparsedoc.fsio import file_sha256
 from sparsedoc.data.schema import RecordError, iter_jsonl, resolve_path, routing_label
 from sparsedoc.data.tokenize import (IGNORE_INDEX, TokenizedExample, TokenizeStats, fit_chat,
                                      require_chat_template, to_chat)
@@ -44,14 +46,6 @@ class TokenizeSettings:
     system_prompt: str = ""
     mcq_with_explanation: bool = True
     encoding: str = "utf-8"
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -78,7 +72,7 @@ def cache_key(files: list[str], tokenizer, settings: TokenizeSettings) -> str:
         path = resolve_path(f)
         if not path.is_file():
             raise MissingFile(f"{path}: no such data file")
-        h.update(_file_digest(path).encode())
+        h.update(file_sha256(path).encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     return h.hexdigest()[:24]
 
@@ -136,8 +130,6 @@ def _build(folder: Path, files: list[str], tokenizer, settings: TokenizeSettings
                         new_fingerprint=folder.name)
     tokenized.save_to_disk(str(folder / "rows"))
     del raw, tokenized
-    import shutil
-
     shutil.rmtree(scratch, ignore_errors=True)
     (folder / COMPLETE).write_text(json.dumps({"format": CACHE_FORMAT, "files": list(files),
                                                "settings": asdict(settings)}, indent=2))

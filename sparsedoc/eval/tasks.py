@@ -16,13 +16,13 @@ Group names expand: ``medigen`` = ACI-Bench + MTS-Dialog.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sparsedoc.data.schema import read_jsonl, record_kind
 from sparsedoc.errors import UserError
+from sparsedoc.fsio import file_sha256
 from sparsedoc.eval.generation import GenItem, gen_items
 from sparsedoc.eval.mcq import MCQItem, is_closed_qa, mcq_item
 
@@ -127,10 +127,6 @@ def subset(items: list, limit: int, seed: int) -> list:
     return [items[i] for i in keep]
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load_task(task: str, data_root: str | Path = "runs/data", split: str = "", limit: int = 0,
               seed: int = 0, num_fewshot: int = 0) -> Task:
     """Resolve a task and read its items (and, for k-shot MCQ, its few-shot pool)."""
@@ -140,7 +136,7 @@ def load_task(task: str, data_root: str | Path = "runs/data", split: str = "", l
         raise TaskError(f"task {task!r}: {path} holds no records")
     kind, items = to_items(records)
     eval_split = path.stem
-    t = Task(name, path, eval_split, kind, subset(items, limit, seed), len(items), _sha256(path))
+    t = Task(name, path, eval_split, kind, subset(items, limit, seed), len(items), file_sha256(path))
     if num_fewshot and kind == "mcq":
         files = _split_files(folder)
         shot_split = next((s for s in FEWSHOT_PREFERENCE if s in files and s != eval_split), None)

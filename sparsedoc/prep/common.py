@@ -245,7 +245,7 @@ def _write_outputs(out: Path, info, results: dict, report: dict, t0: float) -> N
         path = out / f"{split}.jsonl"
         write_jsonl(path, records)
         outputs[split] = {"path": path.name, "records": len(records),
-                          "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                          "sha256": fsio.file_sha256(path)}
     report["outputs"] = outputs
     report["seconds"] = round(time.perf_counter() - t0, 3)
     manifest = {"kind": "conversion", "created_by": f"sparsedoc.prep.{info.module}",

@@ -105,7 +105,7 @@ def _descendants_rss(proc) -> dict[int, int]:
     try:
         for p in psutil.Process(proc.pid).children(recursive=True):
             try:
-                if "python" in p.name() and any("train" in a for a in p.cmdline()):
+                if any(a.startswith("--local_rank") for a in p.cmdline()):  # a rank
                     out[p.pid] = p.memory_info().rss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
@@ -142,7 +142,7 @@ def start_run(corpus: Path, out: Path, cache_dir: Path, max_seq_len: int, ranks:
     log.close()
     if proc.returncode != 0:
         raise SystemExit(f"the 2-rank run on {corpus} failed: see {log.name}")
-    ranks_rss = sorted(peak.values(), reverse=True)[:ranks]
+    ranks_rss = sorted(peak.values(), reverse=True)
     return {"records": sum(1 for _ in open(corpus, "rb")), "seconds_to_first_step": first_step,
             "seconds_total": time.perf_counter() - t0,
             "peak_rss_mib_per_rank": [r / 2**20 for r in ranks_rss]}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sparsedoc.config import Config, config_to_dict
 from sparsedoc.errors import UserError
+from sparsedoc.fsio import file_sha256
 from sparsedoc.resources import resolve_path
 
 log = logging.getLogger("sparsedoc")
@@ -61,9 +62,7 @@ def data_hash(cfg: Config, manifests: list[Path]) -> str:
     shape the rows (the eval split's own files do not count, ``eval_fraction`` does)."""
     h = hashlib.sha256()
     for f in [*cfg.data.train_files, *manifests]:
-        with open(resolve_path(f), "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        h.update(file_sha256(resolve_path(f)).encode())  # read once: the tokenize cache too
     data = {k: v for k, v in config_to_dict(cfg)["data"].items()
             if k not in ("train_files", "eval_files", "num_workers",  # the rows are the same
                          "tokenize_cache", "num_proc", "cache_dir")}
