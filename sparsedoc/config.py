@@ -521,6 +521,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{e}{where}") from None
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as dotted keys: ``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def config_to_dict(cfg: Any) -> dict:
     """The config as plain data, for every place it is saved, printed or logged: a value that
     is a secret of the environment (an API key pasted into a field) is redacted."""

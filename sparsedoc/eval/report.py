@@ -28,6 +28,7 @@ import yaml
 
 from sparsedoc import fsio
 from sparsedoc.artifacts import EVAL_DIR, RUN_CONFIG, RUN_SUMMARY, run_finished
+from sparsedoc.config import flatten
 from sparsedoc.eval.stats import mean_std
 
 METRIC_ORDER = ("acc_loglik", "acc_generate", "rouge1", "rouge2", "rougeL", "rougeLsum",
@@ -58,17 +59,6 @@ class GroupRow:
         return ",".join(str(r.seed) for r in self.runs if r.seed is not None) or "-"
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _eval_files(run: Path) -> list[Path]:
     folder = run / EVAL_DIR if (run / EVAL_DIR).is_dir() else run
     out = []
@@ -97,7 +87,7 @@ def read_run(path: str | Path, group_by: list[str]) -> RunRecord:
     """One run folder (or a folder of task JSONs) as a ``RunRecord``."""
     path = Path(path)
     cfg_path = path / RUN_CONFIG
-    config = _flatten(yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
+    config = flatten(yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
     summary = {}
     if run_finished(path):
         summary = json.loads((path / RUN_SUMMARY).read_text())

@@ -439,17 +439,18 @@ class Trainer:
             micro += 1
             if micro % t.grad_accum:
                 continue
-            if not self.engine.was_step_applied():
-                # DeepSpeed checks the gradient norm (all ranks together) and drops the update
-                with torch.no_grad():  # the forwards were finite: their queue keys stand
-                    self.method.after_optimizer_step(self.engine.module, pos.step)
+            # DeepSpeed checks the gradient norm (all ranks together) and may drop the update;
+            # the forwards were finite either way, so their queue keys stand
+            applied = self.engine.was_step_applied()
+            with torch.no_grad():
+                self.method.after_optimizer_step(self.engine.module, pos.step + int(applied))
+            if not applied:
                 self.skipped("non-finite gradient norm; DeepSpeed dropped the update on every "
                              "rank")
+                self.stop_if_asked()  # a run of dropped updates still honours a preemption
                 continue
             self.skips.good_step()
             pos.step += 1
-            with torch.no_grad():
-                self.method.after_optimizer_step(self.engine.module, pos.step)
             self.bar.update(1)
             now = time.perf_counter()
             window.seconds += now - tick
@@ -467,13 +468,17 @@ class Trainer:
                 tick = time.perf_counter()
             if pos.step >= end:
                 break
-            stopped_by = self.stop.agreed()  # collective: a signal on any rank stops all
-            if stopped_by:
-                self.stop_early(PREEMPTED_EXIT, "preemption notice ("
-                                + ", ".join(f"{n} on rank {r}" for r, n in stopped_by.items())
-                                + ")", resave=False)
+            self.stop_if_asked()
         self.bar.close()
         return self.finish()
+
+    def stop_if_asked(self) -> None:
+        """At a step boundary: a preemption signal on any rank (a collective) stops all."""
+        stopped_by = self.stop.agreed()
+        if stopped_by:
+            self.stop_early(PREEMPTED_EXIT, "preemption notice ("
+                            + ", ".join(f"{n} on rank {r}" for r, n in stopped_by.items())
+                            + ")", resave=False)
 
     def finish(self) -> TrainResult:
         """The final held-out loss (if not just measured), the run summary, written last."""

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsedoc.config import Config, config_to_dict
+from sparsedoc.config import Config, config_to_dict, flatten
 from sparsedoc.errors import UserError
 from sparsedoc.fsio import file_sha256
 from sparsedoc.resources import resolve_path
@@ -36,23 +36,12 @@ class ResumeMismatch(UserError, ValueError):
     """A checkpoint saved under settings that would make the resume inexact."""
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _kept(key: str) -> bool:
     return not any(key == v or key.startswith(v + ".") for v in VOLATILE_KEYS)
 
 
 def config_hash(cfg: Config | dict) -> str:
-    flat = _flat(cfg if isinstance(cfg, dict) else config_to_dict(cfg))
+    flat = flatten(cfg if isinstance(cfg, dict) else config_to_dict(cfg))
     kept = {k: v for k, v in flat.items() if _kept(k)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -136,6 +125,6 @@ def check_resume(saved: dict, now: dict, allow: bool, ckpt: Path, zero: int,
 
 
 def _config_diff(old: dict, new: dict) -> list[str]:
-    a, b = _flat(old), _flat(new)
+    a, b = flatten(old), flatten(new)
     return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if _kept(k) and a.get(k) != b.get(k)][:12]
