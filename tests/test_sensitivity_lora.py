@@ -171,11 +171,19 @@ def _planned(cfg, tiny_model_dir, batches):
 
 
 def test_same_seed_same_map_and_the_map_sets_the_shapes(tiny_setup, tiny_model_dir, tmp_path):
+    import dataclasses
+
     cfg, batches = tiny_setup
     m1, model = _planned(cfg, tiny_model_dir, batches(0))
-    m2, _ = _planned(cfg, tiny_model_dir, batches(0))
-    assert m1.rank_map.ranks == m2.rank_map.ranks
-    assert m1.rank_map.score == m2.rank_map.score
+    # labels sampled from the model: the one estimator that draws random numbers
+    sampled = dataclasses.replace(cfg, adapter=dataclasses.replace(
+        cfg.adapter, sensitivity=dataclasses.replace(cfg.adapter.sensitivity, labels="model")))
+    other_seed = dataclasses.replace(sampled, train=dataclasses.replace(cfg.train, seed=1))
+    a, _ = _planned(sampled, tiny_model_dir, batches(0))
+    b, _ = _planned(sampled, tiny_model_dir, batches(0))
+    c, _ = _planned(other_seed, tiny_model_dir, batches(0))
+    assert a.rank_map.ranks == b.rank_map.ranks and a.rank_map.score == b.rank_map.score
+    assert c.rank_map.score != a.rank_map.score  # the seed is really used
     ranks = m1.rank_map.ranks
     assert len(ranks) == 14 and len(set(ranks.values())) > 1  # not uniform
     assert all(2 <= r <= 12 for r in ranks.values())

@@ -142,8 +142,8 @@ def fisher_diagonal(model: nn.Module, weights: dict[str, torch.Tensor],
         finally:
             for p, f in zip(params, flags):
                 p.requires_grad_(f)
+            model.train(was_training)
         out = {n: (s / max(tokens, 1)).cpu() for n, s in zip(names, sums)}
-    model.train(was_training)
     return out, len(rows)
 
 

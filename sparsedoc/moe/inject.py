@@ -78,7 +78,7 @@ def inject_lora_moe(model: nn.Module, cfg: MoECfg, dispatch: str = "dense") -> l
         # a per-module expert rank (Sensitivity-LoRA's map) keeps alpha / r: same update scale
         r = cfg.rank_pattern.get(name, cfg.r)
         layer = LoRAMoELinear(base, cfg.num_experts, cfg.top_k, r,
-                              cfg.alpha if r == cfg.r else cfg.alpha * r / cfg.r, cfg.dropout,
+                              cfg.alpha * r / cfg.r, cfg.dropout,
                               router=router, router_leader=leader,
                               router_jitter=cfg.router_jitter, shared_expert=cfg.shared_expert,
                               dispatch=dispatch)
