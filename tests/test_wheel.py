@@ -79,6 +79,9 @@ def test_wheel_ships_recipes_configs_and_demo_data_but_no_generic_top_level(whee
 
 def test_installed_wheel_trains_evaluates_and_exports_outside_the_checkout(
         venv, tiny_model_dir, toy_data, tmp_path):
+    """One training run (the wheel's own DeepSpeed ops build once, in it): the `deepspeed`
+    launcher of the venv, started by module on 2 ranks, on the demo data that ships inside the
+    wheel (the default config's data paths); then evaluate and export that run."""
     user = tmp_path / "user"  # a folder with nothing of the checkout in it
     user.mkdir()
     where = _run([venv / "python", "-c", "import sparsedoc; print(sparsedoc.__file__)"], user)
@@ -87,12 +90,14 @@ def test_installed_wheel_trains_evaluates_and_exports_outside_the_checkout(
     assert version == "sparsedoc " + _run(
         [sys.executable, "-c", "import sparsedoc; print(sparsedoc.__version__)"], REPO).strip()
 
-    # train on the demo data that ships inside the wheel (the default config's data paths)
-    _run([venv / "sparsedoc", "train", "lora_moe", f"model.name_or_path={tiny_model_dir}",
-          "train.output_dir=run", "train.max_steps=2", "train.micro_batch_size=4",
-          "train.eval_every=2", "train.save_every=2", "logging.mode=disabled"], user)
+    _run([venv / "sparsedoc", "train", "lora_moe", "--gpus", "2",
+          f"--launcher={venv / 'deepspeed'} --num_gpus 2 --master_port {free_port()}",
+          "--ds", "zero2", f"model.name_or_path={tiny_model_dir}", "train.output_dir=run",
+          "train.max_steps=2", "train.micro_batch_size=4", "train.eval_every=2",
+          "train.save_every=2", "logging.mode=disabled"], user)
     summary = json.loads((user / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["method"] == "lora_moe", summary
+    assert summary["world_size"] == 2, summary
     assert (user / "run" / "checkpoints" / "step-000002" / "adapter").is_dir()
     metrics = [json.loads(line) for line in (user / "run" / "metrics.jsonl").open()]
     assert any("eval/loss" in r for r in metrics)
@@ -112,15 +117,3 @@ def test_installed_wheel_trains_evaluates_and_exports_outside_the_checkout(
     loaded = _run([venv / "python", "-c", "import sparsedoc; "
                    "m = sparsedoc.load_pretrained('exported'); print(type(m).__name__)"], user)
     assert loaded.strip() == "SparsedocMoEForCausalLM", loaded
-
-
-def test_installed_wheel_starts_the_deepspeed_launcher_by_module(venv, tiny_model_dir,
-                                                                 toy_data, tmp_path):
-    train, evals = toy_data
-    _run([venv / "sparsedoc", "train", "lora", "--gpus", "2",
-          f"--launcher={venv / 'deepspeed'} --num_gpus 2 --master_port {free_port()}",
-          "--ds", "zero2", f"model.name_or_path={tiny_model_dir}", f"data.train_files=[{train}]",
-          f"data.eval_files=[{evals}]", "train.output_dir=run", "train.max_steps=2",
-          "train.micro_batch_size=4", "logging.mode=disabled"], tmp_path)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 2, summary
