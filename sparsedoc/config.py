@@ -340,6 +340,9 @@ class EvalCfg:
     mcq_max_new_tokens: int = 32  # the generate-then-parse MCQ scorer
     max_prompt_tokens: int = 0  # longer prompts lose their left end (counted); 0: model limit
     greedy: bool = True  # False: sample with the model's generation config
+    num_beams: int = 1  # > 1: beam search (with greedy=true), e.g. 4 for T5 summaries
+    # encoder-decoder models: the instruction before the source, as data.source_prefix in training
+    source_prefix: str = ""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: str = "auto"  # auto: cuda when available, else cpu
     trust_remote_code: bool = False  # the user's opt-in to run Python shipped in a model folder
@@ -356,7 +359,7 @@ class EvalCfg:
     logging: LoggingCfg = field(default_factory=lambda: LoggingCfg(tags=["eval"]))
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_new_tokens", "mcq_max_new_tokens"):
+        for name in ("batch_size", "max_new_tokens", "mcq_max_new_tokens", "num_beams"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected >= 1, got {getattr(self, name)}")
         for name in ("limit", "num_fewshot", "max_prompt_tokens", "bootstrap_samples",
