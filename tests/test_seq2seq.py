@@ -101,7 +101,7 @@ def test_lora_moe_refuses_an_encoder_decoder_naming_what_is_missing(tiny_t5_dir)
 # a decoder's names (q_proj, ...), which T5 does not have.
 T5_LORA = "adapter.lora.target_modules=[q,k,v,o,wi,wo]"
 METHOD_ARGS = {"train_lora.py": [T5_LORA, "train.lr=5e-3"],
-               "train_prompt.py": ["adapter.prompt.num_virtual_tokens=4", "train.lr=5e-2"],
+               "train_prompt.py": ["adapter.prompt.num_virtual_tokens=8", "train.lr=0.5"],
                "train_full.py": ["train.lr=3e-3"]}
 
 
@@ -142,7 +142,8 @@ def test_each_method_trains_a_t5_under_the_deepspeed_launcher(tiny_t5_dir, t5_da
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses), losses
     evals_by_step = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
-    assert math.isfinite(evals_by_step[4]) and evals_by_step[4] < evals_by_step[0], evals_by_step
+    assert math.isfinite(evals_by_step[4]) and evals_by_step[4] < evals_by_step[0] - 0.02, \
+        evals_by_step
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])
