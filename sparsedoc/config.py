@@ -215,6 +215,11 @@ class DataCfg:
     packing: bool = False  # concatenate records into full rows (block-diagonal attention)
     group_by_length: bool = True  # batch records of similar length: less padding, same epochs
     system_prompt: str = ""  # prepended as a system message when a record has none
+    # Encoder-decoder models (T5) read plain text, not a chat: the encoder gets source_prefix +
+    # the record's prompt side (its user messages), cut to max_source_len tokens (0:
+    # max_seq_len); the decoder learns the last assistant message + EOS (sparsedoc/data/tokenize.py).
+    source_prefix: str = ""  # the instruction a T5 checkpoint was trained with, e.g. "summarize: "
+    max_source_len: int = 0
     mcq_with_explanation: bool = True  # MCQ records train as "Answer: X" + explanation
     num_workers: int = 0
     # Tokenize each file once into an Arrow cache that every rank memory-maps
@@ -231,6 +236,9 @@ class DataCfg:
         if not 0 <= self.max_target_len <= self.max_seq_len:
             raise ConfigError(f"data.max_target_len: expected 0 <= max_target_len <= max_seq_len "
                               f"({self.max_seq_len}), got {self.max_target_len}")
+        if self.max_source_len < 0:
+            raise ConfigError(f"data.max_source_len: expected >= 0 (0: max_seq_len), got "
+                              f"{self.max_source_len}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction: expected 0 <= f < 1, got {self.eval_fraction}")
 
@@ -332,6 +340,9 @@ class EvalCfg:
     mcq_max_new_tokens: int = 32  # the generate-then-parse MCQ scorer
     max_prompt_tokens: int = 0  # longer prompts lose their left end (counted); 0: model limit
     greedy: bool = True  # False: sample with the model's generation config
+    num_beams: int = 1  # > 1: beam search (with greedy=true), e.g. 4 for T5 summaries
+    # encoder-decoder models: the instruction before the source, as data.source_prefix in training
+    source_prefix: str = ""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     device: str = "auto"  # auto: cuda when available, else cpu
     trust_remote_code: bool = False  # the user's opt-in to run Python shipped in a model folder
@@ -348,7 +359,7 @@ class EvalCfg:
     logging: LoggingCfg = field(default_factory=lambda: LoggingCfg(tags=["eval"]))
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_new_tokens", "mcq_max_new_tokens"):
+        for name in ("batch_size", "max_new_tokens", "mcq_max_new_tokens", "num_beams"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected >= 1, got {getattr(self, name)}")
         for name in ("limit", "num_fewshot", "max_prompt_tokens", "bootstrap_samples",

@@ -126,7 +126,8 @@ CASES = [
      r"gbk\.yaml: not UTF-8 text .*save the config as UTF-8"),
     ("packing with a seq2seq model", "lora",
      lambda f: [f"model.name_or_path={f['seq2seq']}", "data.packing=true"],
-     r"seq2seq: an encoder-decoder model \(t5\); sparsedoc trains decoder-only causal LMs"),
+     r"data\.packing=true: packed rows need a decoder-only model; the model is an "
+     r"encoder-decoder"),
     # data files
     ("truncated JSONL", "lora", lambda f: [f"data.train_files=[{f['truncated.jsonl']}]"],
      r"truncated\.jsonl:48: not valid JSON \(.*\) \(the file ends mid-record: truncated\?\)"),

@@ -51,6 +51,25 @@ class PadCollator:
                 "record_label_ids": torch.tensor(record_labels, dtype=torch.long)}
 
 
+class Seq2SeqCollator(PadCollator):
+    """Encoder-decoder batches: encoder ids right-padded (``attention_mask``), labels padded
+    on their own with -100, as transformers' ``DataCollatorForSeq2Seq`` pads them; the model
+    builds its decoder inputs by shifting the labels right. ``record_ids`` cover the encoder
+    tokens (one record a row)."""
+
+    def __call__(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(
+            [TokenizedExample(e.input_ids, [IGNORE_INDEX] * len(e.input_ids), e.label,
+                              e.record_id, filler=e.filler) for e in examples])
+        longest = max(len(e.labels) for e in examples)
+        width = -(-longest // self.multiple) * self.multiple
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for i, e in enumerate(examples):
+            labels[i, :len(e.labels)] = torch.tensor(e.labels)
+        batch["labels"] = labels
+        return batch
+
+
 def pack_examples(examples: list[TokenizedExample], max_seq_len: int) -> list[TokenizedExample]:
     """Greedily concatenate examples (in order) into rows of at most ``max_seq_len`` tokens.
 

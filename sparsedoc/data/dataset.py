@@ -19,9 +19,10 @@ from torch.utils.data import DataLoader, Sampler
 
 from sparsedoc.config import ConfigError, DataCfg
 from sparsedoc.data.cache import CachedFiles, TokenizedRows, TokenizeSettings, tokenized_files
-from sparsedoc.data.collate import PackCollator, PadCollator, pack_examples
+from sparsedoc.data.collate import PackCollator, PadCollator, Seq2SeqCollator, pack_examples
 from sparsedoc.data.schema import RecordError, read_jsonl, routing_label
-from sparsedoc.data.tokenize import TokenizedExample, TokenizeStats, tokenize_records
+from sparsedoc.data.tokenize import (TokenizedExample, TokenizeStats, tokenize_records,
+                                     tokenize_seq2seq)
 from sparsedoc.resources import resolve_path
 
 
@@ -137,13 +138,17 @@ def uses_tokenize_cache(cfg: DataCfg) -> bool:
     return sum(f.stat().st_size for f in files if f.is_file()) >= AUTO_CACHE_BYTES
 
 
-def prepare_data(cfg: DataCfg, tokenizer, seed: int, progress: bool = False) -> PreparedData:
+def prepare_data(cfg: DataCfg, tokenizer, seed: int, progress: bool = False,
+                 seq2seq: bool = False) -> PreparedData:
     """Read, split (if asked), tokenize (target-preserving truncation) and optionally pack the
     train and eval sets. ``stats`` is the run's data report: counts per split, and every
     skipped record's id with the reason. Large sets go through the tokenize cache
-    (``data.tokenize_cache``, sparsedoc/data/cache.py), which gives the same rows."""
+    (``data.tokenize_cache``, sparsedoc/data/cache.py), which gives the same rows.
+    ``seq2seq``: an encoder-decoder model's source/target rows (``tokenize_seq2seq``)."""
     if not cfg.train_files:
         raise ConfigError("data.train_files: expected at least one JSONL file")
+    if seq2seq:
+        return _prepare_seq2seq(cfg, tokenizer, seed)
     if uses_tokenize_cache(cfg):
         return _prepare_cached(cfg, tokenizer, seed)
     train_records, eval_records = split_records(cfg, seed)
@@ -153,6 +158,27 @@ def prepare_data(cfg: DataCfg, tokenizer, seed: int, progress: bool = False) -> 
               mcq_with_explanation=cfg.mcq_with_explanation, progress=progress)
     train, train_stats = tokenize_records(train_records, tokenizer, **kw)
     evals, eval_stats = tokenize_records(eval_records, tokenizer, **kw) if eval_records else (
+        [], TokenizeStats())
+    train_labels = Counter(routing_label(r) or "" for r in train_records)
+    return _prepared(cfg, train, evals, labels, train_labels, train_stats, eval_stats)
+
+
+def _prepare_seq2seq(cfg: DataCfg, tokenizer, seed: int) -> PreparedData:
+    """``prepare_data`` for an encoder-decoder model: plain source/target rows, in memory."""
+    if cfg.packing:
+        raise ConfigError("data.packing=true: packed rows need a decoder-only model; the model is "
+                          "an encoder-decoder (seq2seq), whose rows are padded: set "
+                          "data.packing=false")
+    if cfg.tokenize_cache == "always":
+        raise ConfigError("data.tokenize_cache=always: the tokenize cache holds chat-template "
+                          "rows; an encoder-decoder model tokenizes in memory: set it to auto")
+    train_records, eval_records = split_records(cfg, seed)
+    labels = sorted({lab for r in train_records + eval_records if (lab := routing_label(r))})
+    kw = dict(max_source_len=cfg.max_source_len or cfg.max_seq_len,
+              max_target_len=cfg.max_target_len or cfg.max_seq_len,
+              source_prefix=cfg.source_prefix, mcq_with_explanation=cfg.mcq_with_explanation)
+    train, train_stats = tokenize_seq2seq(train_records, tokenizer, **kw)
+    evals, eval_stats = tokenize_seq2seq(eval_records, tokenizer, **kw) if eval_records else (
         [], TokenizeStats())
     train_labels = Counter(routing_label(r) or "" for r in train_records)
     return _prepared(cfg, train, evals, labels, train_labels, train_stats, eval_stats)
@@ -219,8 +245,9 @@ def _prepared(cfg: DataCfg, train, evals, labels: list[str], train_labels: Count
     return PreparedData(train, evals, label_vocab, stats, manifests)
 
 
-def make_collator(cfg: DataCfg, tokenizer, label_vocab: dict[str, int]) -> PadCollator:
-    cls = PackCollator if cfg.packing else PadCollator
+def make_collator(cfg: DataCfg, tokenizer, label_vocab: dict[str, int],
+                  seq2seq: bool = False) -> PadCollator:
+    cls = Seq2SeqCollator if seq2seq else PackCollator if cfg.packing else PadCollator
     return cls(tokenizer.pad_token_id, label_vocab)
 
 

@@ -346,6 +346,60 @@ def to_chat(record: dict, mcq_with_explanation: bool = True) -> dict:
     return record
 
 
+def source_and_target(chat: dict) -> tuple[str, str]:
+    """An encoder-decoder model's (source, target) texts of a chat record: the user messages
+    before the last assistant message, joined by a blank line, and that message. A system
+    message is an instruction for chat models; seq2seq models get ``data.source_prefix``."""
+    msgs = chat["messages"]
+    t = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return "\n\n".join(m["content"] for m in msgs[:t] if m["role"] == "user"), msgs[t]["content"]
+
+
+def encode_seq2seq(tokenizer, source: str, target: str, source_prefix: str, max_source_len: int,
+                   max_target_len: int) -> Fitted:
+    """Encoder ids of ``source_prefix + source`` (the tokenizer's special tokens, cut to
+    ``max_source_len`` by the tokenizer's own truncation) and decoder labels: the target's ids
+    and EOS, every one trained on. A target longer than ``max_target_len`` is skipped, not cut:
+    a shortened summary would teach the model to stop early."""
+    if tokenizer.eos_token_id is None:
+        raise TemplateError(f"model.name_or_path={getattr(tokenizer, 'name_or_path', '?')}: its "
+                            f"tokenizer has no EOS token; a seq2seq target needs one to end")
+    labels = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(labels) > max_target_len:
+        return Fitted([], [], skip=f"target of {len(labels)} tokens exceeds "
+                      f"max_target_len={max_target_len}")
+    text = source_prefix + source
+    ids = tokenizer(text)["input_ids"]
+    cut = len(ids) > max_source_len
+    if cut:
+        ids = tokenizer(text, truncation=True, max_length=max_source_len)["input_ids"]
+    return Fitted(ids, labels, turn_cut=cut)
+
+
+def tokenize_seq2seq(records: list[dict], tokenizer, max_source_len: int, max_target_len: int,
+                     source_prefix: str = "", mcq_with_explanation: bool = True
+                     ) -> tuple[list[TokenizedExample], TokenizeStats]:
+    """``tokenize_records`` for encoder-decoder models: no chat template, the encoder reads the
+    prompt side as plain text and the decoder's labels are the whole target
+    (``encode_seq2seq``). A cut source is counted in ``truncated`` and ``turns_cut``."""
+    stats = TokenizeStats()
+    out: list[TokenizedExample] = []
+    for rec in records:
+        stats.records += 1
+        chat = to_chat(rec, mcq_with_explanation)
+        fit = encode_seq2seq(tokenizer, *source_and_target(chat), source_prefix, max_source_len,
+                             max_target_len)
+        if fit.skip:
+            stats.skipped[rec["id"]] = fit.skip
+            continue
+        stats.truncated += fit.shortened
+        stats.turns_cut += fit.turn_cut
+        stats.tokens += len(fit.input_ids) + len(fit.labels)
+        stats.target_tokens += len(fit.labels)
+        out.append(TokenizedExample(fit.input_ids, fit.labels, routing_label(chat), rec["id"]))
+    return out, stats
+
+
 def tokenize_records(records: list[dict], tokenizer, max_seq_len: int, system_prompt: str = "",
                      mcq_with_explanation: bool = True, progress: bool = False,
                      max_target_len: int = 0) -> tuple[list[TokenizedExample], TokenizeStats]:

@@ -68,15 +68,17 @@ def gen_items(record: dict) -> list[GenItem]:
 # ---- batched generation -----------------------------------------------------------------------
 
 
-def generation_config(model, tokenizer, max_new_tokens: int, greedy: bool = True):
+def generation_config(model, tokenizer, max_new_tokens: int, greedy: bool = True,
+                      num_beams: int = 1):
     """The model's generation config with the evaluation's length and (by default) greedy
-    decoding; EOS falls back to the tokenizer's, pad to the tokenizer's pad token."""
+    decoding, or beam search with ``num_beams`` > 1; EOS falls back to the tokenizer's, pad to
+    the tokenizer's pad token."""
     gc = copy.deepcopy(model.generation_config)
     gc.max_new_tokens = max_new_tokens
     gc.max_length = None
     if greedy:
         gc.do_sample = False
-        gc.num_beams = 1
+        gc.num_beams = num_beams
         for k in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
             if hasattr(gc, k):
                 setattr(gc, k, None)
@@ -96,19 +98,25 @@ def generate(model, tokenizer, prompts: list[list[int]], gen_config) -> list[dic
     other prompts' lengths.
     """
     from sparsedoc.loader import prompt_virtual_tokens
+    from sparsedoc.models.load import is_encoder_decoder
 
     if len(prompts) > 1 and prompt_virtual_tokens(model):
         return [r for p in prompts for r in generate(model, tokenizer, [p], gen_config)]
+    seq2seq = is_encoder_decoder(model)
     dev = next(model.parameters()).device
     n, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        # an encoder reads its padded source whole: right padding; a decoder continues from
+        # its last token: left padding
+        at = slice(0, len(p)) if seq2seq else slice(width - len(p), width)
+        ids[i, at] = torch.tensor(p)
+        mask[i, at] = 1
     out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
                          generation_config=gen_config)
-    new = out[:, width:].cpu()
+    # a decoder's output repeats its prompt; a seq2seq one starts with the decoder start token
+    new = out[:, 1 if seq2seq else width:].cpu()
     eos = gen_config.eos_token_id
     eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
     results = []
@@ -236,21 +244,44 @@ def fit_prompt(tokenizer, item: GenItem, cfg, budget: int) -> tuple[list[int], s
     return truncate_left(fit.encoded[0], budget)[0], "truncated"
 
 
+SEQ2SEQ_SOURCE_TOKENS = 512  # T5's trained input length, when max_prompt_tokens is 0
+
+
+def seq2seq_source(tokenizer, item: GenItem, source_prefix: str, budget: int
+                   ) -> tuple[list[int], bool]:
+    """An encoder-decoder's input for ``item``: the training rows' source (``source_prefix`` +
+    the user messages, ``data.tokenize.source_and_target``), cut by the tokenizer to ``budget``
+    tokens; and whether it was cut."""
+    text = source_prefix + "\n\n".join(m["content"] for m in item.messages if m["role"] == "user")
+    ids = tokenizer(text)["input_ids"]
+    if len(ids) <= budget:
+        return ids, False
+    return tokenizer(text, truncation=True, max_length=budget)["input_ids"], True
+
+
 def score_generation(model, tokenizer, items: list[GenItem], cfg, cache=None,
                      progress: bool = False) -> tuple[list[dict], dict]:
     """Generate for every item (batched, cached) and score ROUGE (and BERTScore where a scorer
     model is available for the item's language). Returns per-item predictions and statistics."""
     from sparsedoc.eval.cache import run_batched
     from sparsedoc.eval.prompts import prompt_budget
+    from sparsedoc.models.load import is_encoder_decoder
 
-    budget = prompt_budget(model, cfg.max_prompt_tokens, cfg.max_new_tokens)
     prompts, fitted = [], {"shortened": 0, "truncated": 0}
-    for it in items:
-        ids, how = fit_prompt(tokenizer, it, cfg, budget)
-        prompts.append(ids)
-        if how:
-            fitted[how] += 1
-    gc = generation_config(model, tokenizer, cfg.max_new_tokens, cfg.greedy)
+    if is_encoder_decoder(model):
+        for it in items:
+            ids, cut = seq2seq_source(tokenizer, it, cfg.source_prefix,
+                                      cfg.max_prompt_tokens or SEQ2SEQ_SOURCE_TOKENS)
+            prompts.append(ids)
+            fitted["truncated"] += cut
+    else:
+        budget = prompt_budget(model, cfg.max_prompt_tokens, cfg.max_new_tokens)
+        for it in items:
+            ids, how = fit_prompt(tokenizer, it, cfg, budget)
+            prompts.append(ids)
+            if how:
+                fitted[how] += 1
+    gc = generation_config(model, tokenizer, cfg.max_new_tokens, cfg.greedy, cfg.num_beams)
 
     def fn(idx: list[int]) -> list[dict]:
         outs = generate(model, tokenizer, [prompts[i] for i in idx], gc)

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from sparsedoc.config import Config
-from sparsedoc.methods.peft_adapter import PeftAdapterMethod
+from sparsedoc.methods.peft_adapter import PeftAdapterMethod, peft_task_type
 
 
 class LoraMethod(PeftAdapterMethod):
@@ -24,7 +24,8 @@ class LoraMethod(PeftAdapterMethod):
     def build(self, model: nn.Module, cfg: Config) -> nn.Module:
         c = cfg.adapter.lora
         peft_cfg = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
-                              target_modules=c.target_modules, task_type="CAUSAL_LM", bias="none")
+                              target_modules=c.target_modules, task_type=peft_task_type(model),
+                              bias="none")
         return get_peft_model(model, peft_cfg)
 
     @classmethod

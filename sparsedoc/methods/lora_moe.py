@@ -19,7 +19,7 @@ from sparsedoc.data.batch import model_inputs, real_tokens
 from sparsedoc.methods.base import Method, MethodError
 from sparsedoc.methods.sensitivity import (RANK_MAP_FILE, RANK_PLOT_FILE, RankMap,
                                            estimate_rank_map, plot_rank_map)
-from sparsedoc.models.load import resolve_model_path
+from sparsedoc.models.load import is_encoder_decoder, resolve_model_path
 from sparsedoc.moe import losses
 from sparsedoc.moe.inject import (block_index, inject_lora_moe, load_moe_adapter, moe_layers,
                                   routing_layers, save_moe_adapter)
@@ -64,6 +64,10 @@ def queues_in_sync(model: nn.Module) -> bool:
 def resolve_dispatch(name: str) -> str:
     # "auto" is the measured winner (recipes/benchmark.py, docs/method.md): dense.
     return "dense" if name == "auto" else name
+
+
+class EncoderDecoderUnsupported(MethodError):
+    """LoRA-MoE asked to train an encoder-decoder model (not supported: docs/method.md)."""
 
 
 class LoraMoEMethod(Method):
@@ -126,6 +130,13 @@ class LoraMoEMethod(Method):
 
     # ---- build ------------------------------------------------------------------------------
     def build(self, model: nn.Module, cfg: Config) -> nn.Module:
+        if is_encoder_decoder(model):
+            raise EncoderDecoderUnsupported(
+                f"adapter.method=lora_moe: model.name_or_path={cfg.model.name_or_path} is an "
+                f"encoder-decoder ({model.config.model_type}); LoRA-MoE is built for decoder-only "
+                f"models: its router calibration, label contrast and routed export read one "
+                f"token stream (record_ids over decoder tokens), and the encoder's and decoder's "
+                f"two streams are not supported yet. Use adapter.method=lora, prompt or full")
         self.cfg, self.seed = cfg.adapter.moe, cfg.train.seed
         if self.rank_map is not None:  # the adapter's own config carries the ranks it has
             self.cfg = replace(self.cfg, rank_pattern=dict(self.rank_map.ranks))

