@@ -195,11 +195,27 @@ def _make_logger(cfg: EvalCfg, out: Path, loaded: Loaded):
     return MultiLogger(loggers)
 
 
+def _with_training_source_prefix(cfg: EvalCfg, model, loaded: Loaded) -> EvalCfg:
+    """An encoder-decoder run is evaluated with the instruction it was trained with
+    (``data.source_prefix``) unless ``source_prefix`` is given: a T5 asked without its
+    ``summarize: `` answers another question."""
+    from sparsedoc.config import load_config, replace
+
+    if cfg.source_prefix or not getattr(model.config, "is_encoder_decoder", False) \
+            or loaded.kind not in ("run", "checkpoint"):
+        return cfg
+    prefix = load_config(Path(loaded.checkpoint) / RUN_CONFIG).data.source_prefix
+    if prefix:
+        log.info("source_prefix=%r: the run's data.source_prefix", prefix)
+    return replace(cfg, source_prefix=prefix)
+
+
 def evaluate(cfg: EvalCfg) -> dict[str, dict]:
     """Evaluate ``cfg.model`` on ``cfg.tasks``; returns ``{task: result}`` and prints a table."""
     tasks = [load_task(t, cfg.data_root, cfg.split, cfg.limit, cfg.seed, cfg.num_fewshot)
              for t in expand_tasks(cfg.tasks)]  # all data errors surface before model loading
     model, tokenizer, loaded = load_trained(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code)
+    cfg = _with_training_source_prefix(cfg, model, loaded)
     out = output_dir(cfg, loaded)
     out.mkdir(parents=True, exist_ok=True)
     logger = _make_logger(cfg, out, loaded)
