@@ -37,10 +37,27 @@ def losses_by_step(rows, key="train/loss"):
     return {r["step"]: r[key] for r in rows if key in r}
 
 
-@pytest.mark.parametrize("ds,contrastive", [("zero2.json", "expert"), ("zero3.json", "label")])
-def test_moe_trains_under_deepspeed(tiny_model_dir, toy_data, tmp_path, ds, contrastive):
-    rows = launch_moe(tiny_model_dir, toy_data, tmp_path / "run", ds,
-                      extra=[f"adapter.moe.contrastive={contrastive}"])
+LABEL_RUN = ["adapter.moe.contrastive=label", "adapter.moe.queue_size=8"]
+
+
+@pytest.fixture(scope="module")
+def label_run(tiny_model_dir, toy_data, tmp_path_factory) -> Path:
+    """The uninterrupted ZeRO-2 run with the label contrast: checked as a run of its own, and
+    the reference the resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("moe-label") / "run"
+    launch_moe(tiny_model_dir, toy_data, out, "zero2.json", extra=LABEL_RUN)
+    return out
+
+
+@pytest.mark.parametrize("ds", ["zero2.json", "zero3.json"])
+def test_moe_trains_under_deepspeed(tiny_model_dir, toy_data, tmp_path, ds, request):
+    if ds == "zero2.json":  # label contrast, shared with the resume test
+        run = request.getfixturevalue("label_run")
+        rows = read_metrics(run / "metrics.jsonl")
+    else:
+        run = tmp_path / "run"
+        rows = launch_moe(tiny_model_dir, toy_data, run, ds,
+                          extra=["adapter.moe.contrastive=expert"])
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     for r in train_rows:
@@ -52,9 +69,9 @@ def test_moe_trains_under_deepspeed(tiny_model_dir, toy_data, tmp_path, ds, cont
         assert len(loads) == 4 and sum(loads) == pytest.approx(1.0)
         assert r["moe/queue_ranks_in_sync"] == 1.0  # both ranks hold the same queues
     assert train_rows[-1]["moe/contrastive_anchors"] > 0  # the queue supplied positives
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
-    ckpt = tmp_path / "run" / "checkpoints" / "step-000004"
+    ckpt = run / "checkpoints" / "step-000004"
     assert (ckpt / "routing_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from safetensors.torch import load_file
     adapter = load_file(ckpt / "adapter" / "adapter_model.safetensors")
@@ -65,9 +82,9 @@ def test_moe_trains_under_deepspeed(tiny_model_dir, toy_data, tmp_path, ds, cont
     assert float(u.norm()) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_moe_resume_reproduces_losses_and_queue(tiny_model_dir, toy_data, tmp_path):
-    extra = ["adapter.moe.contrastive=label", "adapter.moe.queue_size=8"]
-    full = losses_by_step(launch_moe(tiny_model_dir, toy_data, tmp_path / "a", extra=extra))
+def test_moe_resume_reproduces_losses_and_queue(tiny_model_dir, toy_data, tmp_path, label_run):
+    extra = LABEL_RUN
+    full = losses_by_step(read_metrics(label_run / "metrics.jsonl"))
     launch_moe(tiny_model_dir, toy_data, tmp_path / "b", extra=extra + ["train.stop_at=2"])
     rows = launch_moe(tiny_model_dir, toy_data, tmp_path / "b",
                       extra=extra + ["train.resume_from=auto"])
@@ -76,7 +93,7 @@ def test_moe_resume_reproduces_losses_and_queue(tiny_model_dir, toy_data, tmp_pa
     for step in (3, 4):
         assert resumed[step] == full[step], (step, resumed[step], full[step])
     contrast = losses_by_step(rows, "moe/contrastive_loss")
-    contrast_full = losses_by_step(read_metrics(tmp_path / "a" / "metrics.jsonl"),
+    contrast_full = losses_by_step(read_metrics(label_run / "metrics.jsonl"),
                                    "moe/contrastive_loss")
     assert contrast[3] == contrast_full[3]  # the restored queue gives the same contrast
 
