@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra evaluate argument, e.g. --eval-arg limit=200 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("overrides", nargs="*", help="config overrides for every run (key=value)")
-    args = p.parse_args(argv)
+    # intermixed: the overrides may follow the options, as the module docstring writes them
+    args = p.parse_intermixed_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
     values = [v for v in args.values.split(",") if v != ""]
     try:

@@ -63,6 +63,10 @@ def test_bertscore_offline_with_bundled_minilm():
     assert f1[2] > f1[1]
     _, _, ref = bert_score.score(cands, refs, model_type=str(model_dir), num_layers=6)
     assert f1 == pytest.approx(ref.tolist(), abs=1e-6)
+    # an empty prediction (a model that stopped at once) scores 0 and leaves the others as
+    # bert-score scores them (bert-score itself fails on the empty string here)
+    assert bertscore_f1(["", *cands], ["Some reference.", *refs], model_dir, num_layers=6) == \
+        pytest.approx([0.0, *ref.tolist()], abs=1e-6)
 
 
 def test_batched_left_padded_generation_equals_one_by_one(tiny_model_dir):

@@ -145,3 +145,13 @@ def test_sweep_runs_the_grid_skips_finished_runs_and_reports(tmp_path, capsys):
     assert manifest["param"] == "adapter.lora.r"
     assert main(args) == 0  # everything trained: nothing is launched again
     assert capsys.readouterr().out.count("trained already, skipped") == 4
+
+
+def test_sweep_overrides_may_follow_the_options(capsys, tmp_path):
+    """As the sweep's docstring writes it: options first, then the key=value overrides."""
+    from sparsedoc.sweep import main
+
+    assert main(["lora", "--out", str(tmp_path / "sw"), "--seeds", "0", "--eval-tasks", "x",
+                 "--eval-arg", "limit=2", "--dry-run", "train.max_steps=5"]) == 0
+    train_cmd = capsys.readouterr().out.splitlines()[0]
+    assert "train.max_steps=5" in train_cmd.split() and "limit=2" not in train_cmd.split()

@@ -176,17 +176,25 @@ def bertscore_f1(predictions: list[str], references: list[str], model_dir: str |
     """Per-item BERTScore F1 (fraction) with a local scorer model (no network, no rescaling).
 
     ``num_layers`` 0 takes the scorer's last layer. Inputs longer than the scorer's maximum
-    length are truncated by bert-score.
+    length are truncated by bert-score. An empty prediction (a model that stopped at once) or
+    reference scores 0, bert-score's own convention; it is not passed to bert-score, whose
+    encoding of an empty string fails on transformers' current tokenizers.
     """
     import bert_score
     from transformers import AutoConfig
 
+    scored = [i for i, (p, r) in enumerate(zip(predictions, references)) if p.strip() and r.strip()]
+    f1s = [0.0] * len(predictions)
+    if not scored:
+        return f1s
     if not num_layers:
         num_layers = AutoConfig.from_pretrained(str(model_dir)).num_hidden_layers
-    _, _, f1 = bert_score.score(predictions, references, model_type=str(model_dir),
-                                num_layers=num_layers, batch_size=batch_size, device=device,
-                                verbose=False)
-    return [float(x) for x in f1]
+    _, _, f1 = bert_score.score([predictions[i] for i in scored], [references[i] for i in scored],
+                                model_type=str(model_dir), num_layers=num_layers,
+                                batch_size=batch_size, device=device, verbose=False)
+    for i, x in zip(scored, f1):
+        f1s[i] = float(x)
+    return f1s
 
 
 # ---- summary ----------------------------------------------------------------------------------
