@@ -216,3 +216,70 @@ def test_a_merged_t5_lora_reloads_in_plain_transformers_with_equal_logits(tiny_t
         got = reloaded(**enc, decoder_input_ids=labels).logits
     assert (expected - base).abs().max() > 1e-2  # the adapter changes the model
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _train_t5_lora_in_process(tiny_t5_dir, t5_data, out, *extra, method="lora"):
+    """A real run folder from the trainer itself, in this process (one rank, 2 steps): its
+    checkpoint and config.yaml (with data.source_prefix) are what export and evaluate read."""
+    from pathlib import Path
+
+    from sparsedoc.train.recipe import run_recipe
+
+    repo = Path(__file__).resolve().parents[1]
+    train, evals = t5_data
+    run_recipe(method, [
+        "--ds", str(repo / "ds_configs" / "zero2.json"), f"model.name_or_path={tiny_t5_dir}",
+        "model.dtype=fp32", f"data.train_files=[{train}]", f"data.eval_files=[{evals}]",
+        f"data.source_prefix={PREFIX!r}", "data.max_source_len=96", "data.max_target_len=64",
+        "data.max_seq_len=96", f"train.output_dir={out}", "train.max_steps=2",
+        "train.micro_batch_size=4", "train.warmup_steps=0", "train.lr_schedule=constant",
+        "train.eval_every=100", "train.save_every=100", "logging.wandb=false", *extra])
+    return out
+
+
+def test_export_of_a_t5_lora_run_reloads_in_plain_transformers_with_the_trained_logits(
+        tiny_t5_dir, t5_data, tmp_path):
+    """``sparsedoc export`` on a T5 LoRA run: the folder loads with AutoModelForSeq2SeqLM and
+    gives the logits of the trained peft model (LoRA unmerged, loaded by peft itself), and the
+    metadata records a passed verification on plain source prompts."""
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from sparsedoc.export import ExportOptions, export
+
+    run = _train_t5_lora_in_process(tiny_t5_dir, t5_data, tmp_path / "run", T5_LORA,
+                                    "train.lr=5e-2")
+    meta = export(run, tmp_path / "out", ExportOptions(samples=2, greedy_new_tokens=4))
+    assert meta["mode"] == "merged" and meta["verification"]["passed"], meta["verification"]
+    assert meta["verification"]["reloaded"]["max_abs_logit_diff"] < 1e-3
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    enc = tok([PREFIX + "the patients were treated with", PREFIX + "blood pressure"],
+              padding=True, return_tensors="pt")
+    dec = torch.tensor([[0, 5, 9, 17], [0, 33, 4, 2]])  # decoder_start, then any target ids
+    base = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir).eval()
+    trained = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir),
+                                        run / "checkpoints" / "step-000002" / "adapter").eval()
+    exported = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        expected = trained(**enc, decoder_input_ids=dec).logits
+        got = exported(**enc, decoder_input_ids=dec).logits
+        untrained = base(**enc, decoder_input_ids=dec).logits
+    assert (expected - untrained).abs().max() > 1e-3  # the 2 steps moved the model
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["routed", "mixtral", "dense"])
+def test_export_refuses_a_decoder_only_mode_for_a_t5(tiny_t5_dir, tmp_path, mode):
+    from sparsedoc.export import ExportError, ExportOptions, export
+    from sparsedoc.methods import new_method
+
+    model, tok, _ = _load(tiny_t5_dir)
+    cfg = Config()
+    cfg.model.name_or_path = str(tiny_t5_dir)
+    cfg.adapter.lora.target_modules = ["q", "v"]
+    new_method("lora").build(model, cfg).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ExportError) as e:
+        export(tmp_path / "adapter", tmp_path / "out", ExportOptions(mode=mode))
+    assert f"--mode {mode}: an encoder-decoder (t5) exports only as auto or merged" in str(e.value)
+    assert not (tmp_path / "out").exists()
