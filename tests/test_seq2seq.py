@@ -283,3 +283,30 @@ def test_export_refuses_a_decoder_only_mode_for_a_t5(tiny_t5_dir, tmp_path, mode
         export(tmp_path / "adapter", tmp_path / "out", ExportOptions(mode=mode))
     assert f"--mode {mode}: an encoder-decoder (t5) exports only as auto or merged" in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("labels", ["data", "model"])
+def test_sensitivity_lora_trains_a_t5_with_ranks_from_its_seq2seq_loss(tiny_t5_dir, t5_data,
+                                                                      tmp_path, labels):
+    """Sensitivity-LoRA on a T5: the calibration forward takes the seq2seq batch (encoder ids,
+    decoder labels), the rank map covers T5's projections, and the adapter is a SEQ_2_SEQ_LM
+    peft adapter that plain peft loads onto AutoModelForSeq2SeqLM with every rank it planned."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM
+
+    run = _train_t5_lora_in_process(
+        tiny_t5_dir, t5_data, tmp_path / "run", T5_LORA, "adapter.lora.r=4",
+        "adapter.sensitivity.calibration_batches=1", f"adapter.sensitivity.labels={labels}",
+        method="sensitivity_lora")
+    adapter = run / "checkpoints" / "step-000002" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_2_SEQ_LM"
+    ranks = config["rank_pattern"]
+    assert ranks and {k.rsplit(".", 1)[-1] for k in ranks} <= {"q", "k", "v", "o", "wi", "wo"}
+    assert len(set(ranks.values())) > 1, ranks  # allocated, not uniform
+    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir), adapter)
+    for name, rank in ranks.items():
+        module = model.get_submodule(f"base_model.model.{name}")
+        assert module.lora_A["default"].weight.shape[0] == rank, name

@@ -18,6 +18,7 @@ from torch import nn
 
 from sparsedoc.config import Config
 from sparsedoc.methods.lora import LoraMethod
+from sparsedoc.methods.peft_adapter import peft_task_type
 from sparsedoc.methods.sensitivity import (RANK_MAP_FILE, RANK_PLOT_FILE, RankMap,
                                            estimate_rank_map, plot_rank_map)
 
@@ -64,7 +65,7 @@ class SensitivityLoraMethod(LoraMethod):
                                "restore_plan) before build")
         c = cfg.adapter.lora
         peft_cfg = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
-                              target_modules=c.target_modules, task_type="CAUSAL_LM", bias="none",
+                              target_modules=c.target_modules, task_type=peft_task_type(model), bias="none",
                               rank_pattern=dict(self.rank_map.ranks),
                               alpha_pattern=self.rank_map.alphas(
                                   c.alpha, cfg.adapter.sensitivity.alpha_mode))
