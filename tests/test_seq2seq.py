@@ -310,3 +310,46 @@ def test_sensitivity_lora_trains_a_t5_with_ranks_from_its_seq2seq_loss(tiny_t5_d
     for name, rank in ranks.items():
         module = model.get_submodule(f"base_model.model.{name}")
         assert module.lora_A["default"].weight.shape[0] == rank, name
+
+
+def test_lora_on_a_t5_left_at_the_decoder_default_targets_uses_peft_s_t5_default(
+        tiny_t5_dir, caplog):
+    """The decoder-default target_modules (q_proj, ...) name nothing in a T5: LoRA falls back
+    to peft's per-architecture default, logged, and wraps exactly the modules plain peft
+    wraps when no targets are given."""
+    import logging
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSeq2SeqLM
+
+    from sparsedoc.methods import new_method
+
+    model, _, _ = _load(tiny_t5_dir)
+    cfg = Config()
+    cfg.model.name_or_path = str(tiny_t5_dir)
+    assert cfg.adapter.lora.target_modules[0] == "q_proj"  # the decoder default
+    with caplog.at_level(logging.INFO, logger="sparsedoc"):
+        ours = new_method("lora").build(model, cfg)
+    assert "using peft's default for it: ['q', 'v']" in caplog.text
+    plain = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir),
+                           LoraConfig(r=8, task_type="SEQ_2_SEQ_LM"))
+
+    def wrapped(m):
+        return sorted(n for n, _ in m.named_parameters() if "lora_A" in n)
+
+    assert wrapped(ours) == wrapped(plain) and wrapped(ours)
+
+
+def test_an_encoder_decoder_without_a_peft_default_names_the_field(tiny_t5_dir, monkeypatch):
+    from peft.utils import constants
+
+    from sparsedoc.errors import UserError
+    from sparsedoc.methods import new_method
+
+    monkeypatch.delitem(constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "t5")
+    model, _, _ = _load(tiny_t5_dir)
+    cfg = Config()
+    cfg.model.name_or_path = str(tiny_t5_dir)
+    with pytest.raises(UserError) as e:
+        new_method("lora").build(model, cfg)
+    assert "set adapter.lora.target_modules" in str(e.value) and "'t5'" in str(e.value)
