@@ -216,3 +216,140 @@ def test_a_merged_t5_lora_reloads_in_plain_transformers_with_equal_logits(tiny_t
         got = reloaded(**enc, decoder_input_ids=labels).logits
     assert (expected - base).abs().max() > 1e-2  # the adapter changes the model
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _train_t5_lora_in_process(tiny_t5_dir, t5_data, out, *extra, method="lora"):
+    """A real run folder from the trainer itself, in this process (one rank, 2 steps): its
+    checkpoint and config.yaml (with data.source_prefix) are what export and evaluate read."""
+    from pathlib import Path
+
+    from sparsedoc.train.recipe import run_recipe
+
+    repo = Path(__file__).resolve().parents[1]
+    train, evals = t5_data
+    run_recipe(method, [
+        "--ds", str(repo / "ds_configs" / "zero2.json"), f"model.name_or_path={tiny_t5_dir}",
+        "model.dtype=fp32", f"data.train_files=[{train}]", f"data.eval_files=[{evals}]",
+        f"data.source_prefix={PREFIX!r}", "data.max_source_len=96", "data.max_target_len=64",
+        "data.max_seq_len=96", f"train.output_dir={out}", "train.max_steps=2",
+        "train.micro_batch_size=4", "train.warmup_steps=0", "train.lr_schedule=constant",
+        "train.eval_every=100", "train.save_every=100", "logging.wandb=false", *extra])
+    return out
+
+
+def test_export_of_a_t5_lora_run_reloads_in_plain_transformers_with_the_trained_logits(
+        tiny_t5_dir, t5_data, tmp_path):
+    """``sparsedoc export`` on a T5 LoRA run: the folder loads with AutoModelForSeq2SeqLM and
+    gives the logits of the trained peft model (LoRA unmerged, loaded by peft itself), and the
+    metadata records a passed verification on plain source prompts."""
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from sparsedoc.export import ExportOptions, export
+
+    run = _train_t5_lora_in_process(tiny_t5_dir, t5_data, tmp_path / "run", T5_LORA,
+                                    "train.lr=5e-2")
+    meta = export(run, tmp_path / "out", ExportOptions(samples=2, greedy_new_tokens=4))
+    assert meta["mode"] == "merged" and meta["verification"]["passed"], meta["verification"]
+    assert meta["verification"]["reloaded"]["max_abs_logit_diff"] < 1e-3
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    enc = tok([PREFIX + "the patients were treated with", PREFIX + "blood pressure"],
+              padding=True, return_tensors="pt")
+    dec = torch.tensor([[0, 5, 9, 17], [0, 33, 4, 2]])  # decoder_start, then any target ids
+    base = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir).eval()
+    trained = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir),
+                                        run / "checkpoints" / "step-000002" / "adapter").eval()
+    exported = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        expected = trained(**enc, decoder_input_ids=dec).logits
+        got = exported(**enc, decoder_input_ids=dec).logits
+        untrained = base(**enc, decoder_input_ids=dec).logits
+    assert (expected - untrained).abs().max() > 1e-3  # the 2 steps moved the model
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["routed", "mixtral", "dense"])
+def test_export_refuses_a_decoder_only_mode_for_a_t5(tiny_t5_dir, tmp_path, mode):
+    from sparsedoc.export import ExportError, ExportOptions, export
+    from sparsedoc.methods import new_method
+
+    model, tok, _ = _load(tiny_t5_dir)
+    cfg = Config()
+    cfg.model.name_or_path = str(tiny_t5_dir)
+    cfg.adapter.lora.target_modules = ["q", "v"]
+    new_method("lora").build(model, cfg).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ExportError) as e:
+        export(tmp_path / "adapter", tmp_path / "out", ExportOptions(mode=mode))
+    assert f"--mode {mode}: an encoder-decoder (t5) exports only as auto or merged" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("labels", ["data", "model"])
+def test_sensitivity_lora_trains_a_t5_with_ranks_from_its_seq2seq_loss(tiny_t5_dir, t5_data,
+                                                                      tmp_path, labels):
+    """Sensitivity-LoRA on a T5: the calibration forward takes the seq2seq batch (encoder ids,
+    decoder labels), the rank map covers T5's projections, and the adapter is a SEQ_2_SEQ_LM
+    peft adapter that plain peft loads onto AutoModelForSeq2SeqLM with every rank it planned."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM
+
+    run = _train_t5_lora_in_process(
+        tiny_t5_dir, t5_data, tmp_path / "run", T5_LORA, "adapter.lora.r=4",
+        "adapter.sensitivity.calibration_batches=1", f"adapter.sensitivity.labels={labels}",
+        method="sensitivity_lora")
+    adapter = run / "checkpoints" / "step-000002" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_2_SEQ_LM"
+    ranks = config["rank_pattern"]
+    assert ranks and {k.rsplit(".", 1)[-1] for k in ranks} <= {"q", "k", "v", "o", "wi", "wo"}
+    assert len(set(ranks.values())) > 1, ranks  # allocated, not uniform
+    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir), adapter)
+    for name, rank in ranks.items():
+        module = model.get_submodule(f"base_model.model.{name}")
+        assert module.lora_A["default"].weight.shape[0] == rank, name
+
+
+def test_lora_on_a_t5_left_at_the_decoder_default_targets_uses_peft_s_t5_default(
+        tiny_t5_dir, caplog):
+    """The decoder-default target_modules (q_proj, ...) name nothing in a T5: LoRA falls back
+    to peft's per-architecture default, logged, and wraps exactly the modules plain peft
+    wraps when no targets are given."""
+    import logging
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSeq2SeqLM
+
+    from sparsedoc.methods import new_method
+
+    model, _, _ = _load(tiny_t5_dir)
+    cfg = Config()
+    cfg.model.name_or_path = str(tiny_t5_dir)
+    assert cfg.adapter.lora.target_modules[0] == "q_proj"  # the decoder default
+    with caplog.at_level(logging.INFO, logger="sparsedoc"):
+        ours = new_method("lora").build(model, cfg)
+    assert "using peft's default for it: ['q', 'v']" in caplog.text
+    plain = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir),
+                           LoraConfig(r=8, task_type="SEQ_2_SEQ_LM"))
+
+    def wrapped(m):
+        return sorted(n for n, _ in m.named_parameters() if "lora_A" in n)
+
+    assert wrapped(ours) == wrapped(plain) and wrapped(ours)
+
+
+def test_an_encoder_decoder_without_a_peft_default_names_the_field(tiny_t5_dir, monkeypatch):
+    from peft.utils import constants
+
+    from sparsedoc.errors import UserError
+    from sparsedoc.methods import new_method
+
+    monkeypatch.delitem(constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "t5")
+    model, _, _ = _load(tiny_t5_dir)
+    cfg = Config()
+    cfg.model.name_or_path = str(tiny_t5_dir)
+    with pytest.raises(UserError) as e:
+        new_method("lora").build(model, cfg)
+    assert "set adapter.lora.target_modules" in str(e.value) and "'t5'" in str(e.value)

@@ -46,10 +46,12 @@ from sparsedoc.export.verify import (EXACT_ATOL, compare_weights, fp32_exact, gr
                                      greedy_tokens, logit_diff, logits_of)
 from sparsedoc.methods import UnknownMethod, method_class
 from sparsedoc.methods.base import MethodError
+from sparsedoc.models.load import is_encoder_decoder
 
 log = logging.getLogger("sparsedoc")
 
 MODES = ("auto", "merged", "routed", "mixtral", "dense")
+SEQ2SEQ_MODES = ("auto", "merged")  # the others rebuild a decoder-only MoE model
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METADATA = "export_metadata.json"
 
@@ -183,6 +185,35 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
     return encode(tokenizer, render_chat(tokenizer, [{"role": "user", "content": text}]), True)
 
 
+SEQ2SEQ_DECODER_TOKENS = 8  # target tokens after decoder_start an encoder-decoder is compared on
+
+
+def seq2seq_verification_inputs(records: list[dict], tokenizer, cfg, n: int, max_len: int,
+                                decoder_start: int) -> tuple[list[tuple], list[list[int]]]:
+    """An encoder-decoder's verification inputs, as it was trained (no chat template): the
+    source is ``data.source_prefix`` + the user text, the decoder reads ``decoder_start`` and
+    the first target tokens. Returns ((source, decoder ids) pairs, sources for greedy)."""
+    from sparsedoc.data.tokenize import source_and_target, to_chat
+
+    prefix = cfg.data.source_prefix if cfg else ""
+    pairs = []
+    for r in records[:n]:
+        try:
+            source, target = source_and_target(to_chat(r))
+        except ValueError:  # no assistant message: nothing to read as a target
+            continue
+        pairs.append((source, target))
+    if not pairs:
+        pairs = [(p, p) for p in FALLBACK_PROMPTS[:n]]  # any decoder tokens compare logits
+    sources, samples = [], []
+    for source, target in pairs:
+        ids = tokenizer(prefix + source, truncation=True, max_length=max_len)["input_ids"]
+        dec = tokenizer(target, add_special_tokens=False)["input_ids"][:SEQ2SEQ_DECODER_TOKENS]
+        sources.append(ids)
+        samples.append((ids, [decoder_start] + dec))
+    return samples, sources
+
+
 def verification_inputs(records: list[dict], tokenizer, cfg, n: int, max_len: int
                         ) -> tuple[list[list[int]], list[list[int]]]:
     """(sequences for the logit comparison, prompts for the greedy comparison)."""
@@ -252,14 +283,17 @@ def measure_gap(routed, dense, tokenizer, records: list[dict], cfg, max_len: int
 
 # ---- the export ------------------------------------------------------------------------------------
 def _reload(tmp: Path, mode: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
+    """The written folder loaded as a user would: the auto class its config asks for
+    (``auto_model_class``: seq2seq LM for T5, causal LM otherwise)."""
+    from transformers import AutoConfig
 
+    from sparsedoc.models.load import auto_model_class
     from sparsedoc.moe.hf import register_auto_classes
 
     register_auto_classes()  # routed: the registered class, no remote code
 
-    model, info = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=dtype,
-                                                       output_loading_info=True)
+    model, info = auto_model_class(AutoConfig.from_pretrained(str(tmp))).from_pretrained(
+        str(tmp), dtype=dtype, output_loading_info=True)
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys",
                                                          "mismatched_keys")}
     if bad:
@@ -312,10 +346,21 @@ def export(src: str | Path, out: str | Path, opts: ExportOptions | None = None) 
     dtype = DTYPES[opts.dtype]
     model, tokenizer, loaded = _load_source(str(src), opts.device, opts.trust_remote_code)
     moe_cfg = _moe_cfg(model, loaded)
+    seq2seq = is_encoder_decoder(model)
+    if seq2seq and opts.mode not in SEQ2SEQ_MODES:
+        raise ExportError(f"--mode {opts.mode}: an encoder-decoder ({model.config.model_type}) "
+                          f"exports only as {' or '.join(SEQ2SEQ_MODES)} (the LoRA or full "
+                          f"fine-tune merged into the base); routed, mixtral and dense build a "
+                          f"decoder-only LoRA-MoE model")
     mode = resolve_mode(opts.mode, loaded.method, moe_cfg)
     calib_records, held_out, run_cfg, calib_source = _records(loaded, opts.data, opts.calib_data)
-    samples, prompts = verification_inputs(held_out, tokenizer, run_cfg, opts.samples,
-                                            opts.sample_tokens)
+    if seq2seq:
+        samples, prompts = seq2seq_verification_inputs(
+            held_out, tokenizer, run_cfg, opts.samples, opts.sample_tokens,
+            model.config.decoder_start_token_id)
+    else:
+        samples, prompts = verification_inputs(held_out, tokenizer, run_cfg, opts.samples,
+                                                opts.sample_tokens)
     log.info("export %s (%s) -> %s as %s, %s", src, loaded.method, out, mode, opts.dtype)
 
     gap = None

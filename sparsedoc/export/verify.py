@@ -30,12 +30,21 @@ def fp32_exact():
 
 
 @torch.no_grad()
-def logits_of(model, samples: list[list[int]]) -> list[torch.Tensor]:
-    """fp32 CPU logits of each sample, one unpadded sequence at a time, TF32 off."""
+def logits_of(model, samples: list) -> list[torch.Tensor]:
+    """fp32 CPU logits of each sample, one unpadded sequence at a time, TF32 off. A decoder's
+    sample is its ids; an encoder-decoder's is ``(source ids, decoder input ids)``, the logits
+    those of the decoder positions."""
     dev = next(model.parameters()).device
+
+    def forward(sample):
+        if isinstance(sample, tuple):
+            source, decoder = sample
+            return model(input_ids=torch.tensor([source], device=dev),
+                         decoder_input_ids=torch.tensor([decoder], device=dev), use_cache=False)
+        return model(input_ids=torch.tensor([sample], device=dev), use_cache=False)
+
     with fp32_exact():
-        return [model(input_ids=torch.tensor([ids], device=dev), use_cache=False
-                      ).logits[0].float().cpu() for ids in samples]
+        return [forward(s).logits[0].float().cpu() for s in samples]
 
 
 def logit_diff(expected: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
@@ -55,7 +64,9 @@ def greedy_tokens(model, tokenizer, prompts: list[list[int]], max_new_tokens: in
             x = torch.tensor([ids], device=dev)
             y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
                                max_new_tokens=max_new_tokens, pad_token_id=pad)
-            outs.append(y[0, len(ids):].tolist())
+            # a decoder's output repeats the prompt; an encoder-decoder's is the decoder's alone
+            new = y[0] if model.config.is_encoder_decoder else y[0, len(ids):]
+            outs.append(new.tolist())
     return outs
 
 

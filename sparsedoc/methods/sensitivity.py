@@ -37,6 +37,7 @@ from torch import nn
 from sparsedoc import fsio
 from sparsedoc.data.batch import model_inputs
 from sparsedoc.errors import UserError
+from sparsedoc.models.load import is_encoder_decoder
 from sparsedoc.moe.inject import block_index, matches_target
 
 RANK_MAP_FILE = "rank_map.json"
@@ -60,13 +61,21 @@ def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]
     return found
 
 
-def split_rows(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+def target_mask(labels: torch.Tensor, seq2seq: bool) -> torch.Tensor:
+    """Which labels are predicted: a decoder's are its next tokens (``labels[:, 1:]``, the
+    shift transformers' causal loss makes); an encoder-decoder's decoder labels are all
+    predicted as they stand (its loss does not shift)."""
+    return (labels if seq2seq else labels[:, 1:]) != -100
+
+
+def split_rows(batch: dict[str, torch.Tensor], seq2seq: bool = False
+               ) -> list[dict[str, torch.Tensor]]:
     """One single-row batch per row that has target tokens (filler rows have none)."""
     rows = []
     for i in range(batch["input_ids"].shape[0]):
         row = {k: v[i:i + 1] for k, v in batch.items() if torch.is_tensor(v) and v.dim() >= 1
                and v.shape[0] == batch["input_ids"].shape[0]}
-        if (row["labels"][:, 1:] != -100).any():
+        if target_mask(row["labels"], seq2seq).any():
             rows.append(row)
     return rows
 
@@ -82,12 +91,17 @@ def lm_loss(labels: str = "data", seed: int = 0) -> Callable:
     gen = torch.Generator().manual_seed(seed)
 
     def loss(model, row: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        keep = row["labels"][:, 1:] != -100  # (1, S-1): targets of positions 0..S-2
+        seq2seq = is_encoder_decoder(model)
+        keep = target_mask(row["labels"], seq2seq)  # (1, T): the predicted labels
         n = int(keep.sum())
         if labels == "data":
             return model(**model_inputs(row)).loss * n, n  # HF's loss: the mean over targets
         inputs = {k: v for k, v in model_inputs(row).items() if k != "labels"}
-        logits = model(**inputs).logits[:, :-1].float()  # (1, S-1, V): predicts tokens 1..S-1
+        if seq2seq:  # the decoder reads the labels shifted right; its logits align with them
+            inputs["labels"] = row["labels"]
+            logits = model(**inputs).logits.float()  # (1, T, V)
+        else:
+            logits = model(**inputs).logits[:, :-1].float()  # (1, S-1, V): tokens 1..S-1
         probs = logits.detach()[keep].softmax(-1).cpu()  # (n, V)
         sampled = torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(logits.device)
         return nn.functional.cross_entropy(logits[keep], sampled, reduction="sum"), n
@@ -123,7 +137,8 @@ def fisher_diagonal(model: nn.Module, weights: dict[str, torch.Tensor],
     ``requires_grad`` and ``.grad`` (``torch.autograd.grad``)."""
     was_training = model.training
     model.eval()  # no dropout: the sensitivity of the model that training starts from
-    rows = [r for b in batches for r in split_rows(b)]
+    seq2seq = is_encoder_decoder(model)
+    rows = [r for b in batches for r in split_rows(b, seq2seq)]
     with _zero3_gathered(model):
         names, params = list(weights), [weights[n] for n in weights]
         flags = [p.requires_grad for p in params]

@@ -17,7 +17,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from sparsedoc.config import Config
-from sparsedoc.methods.lora import LoraMethod
+from sparsedoc.methods.lora import LoraMethod, lora_targets
+from sparsedoc.methods.peft_adapter import peft_task_type
 from sparsedoc.methods.sensitivity import (RANK_MAP_FILE, RANK_PLOT_FILE, RankMap,
                                            estimate_rank_map, plot_rank_map)
 
@@ -46,7 +47,7 @@ class SensitivityLoraMethod(LoraMethod):
     def plan(self, model: nn.Module, batches: list[dict]) -> None:
         lora, s = self.cfg.adapter.lora, self.cfg.adapter.sensitivity
         self.rank_map = estimate_rank_map(
-            model, lora.target_modules, batches, uniform_rank=lora.r, budget=s.budget,
+            model, lora_targets(model, lora.target_modules), batches, uniform_rank=lora.r, budget=s.budget,
             min_rank=s.min_rank, max_rank=s.max_rank, local_weight=s.local_weight,
             labels=s.labels, seed=self.cfg.train.seed)
         facts = self.rank_map.summary()
@@ -64,7 +65,8 @@ class SensitivityLoraMethod(LoraMethod):
                                "restore_plan) before build")
         c = cfg.adapter.lora
         peft_cfg = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
-                              target_modules=c.target_modules, task_type="CAUSAL_LM", bias="none",
+                              target_modules=lora_targets(model, c.target_modules),
+                              task_type=peft_task_type(model), bias="none",
                               rank_pattern=dict(self.rank_map.ranks),
                               alpha_pattern=self.rank_map.alphas(
                                   c.alpha, cfg.adapter.sensitivity.alpha_mode))
