@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# The tiny-T5 fixtures live in their own module; registering it here lets tests ask for them
+# by name without importing them.
+pytest_plugins = ["t5_fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 # The real dataset samples sit beside the checkout (never copied into the project).
 SHARED_DATA = Path(os.environ.get("SPARSEDOC_SHARED_DATA", REPO.parent / "shared" / "data"))

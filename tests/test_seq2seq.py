@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from t5_fixtures import PREFIX, t5_data, t5_spm, tiny_t5_dir  # noqa: F401  (fixtures)
+from t5_fixtures import PREFIX
 
 from sparsedoc.config import Config, DataCfg, ModelCfg
 

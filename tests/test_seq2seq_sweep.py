@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from t5_fixtures import PREFIX, t5_data, t5_spm, tiny_t5_dir  # noqa: F401  (fixtures)
+from t5_fixtures import PREFIX
 
 pytestmark = pytest.mark.slow
 
