@@ -22,7 +22,7 @@ LAYERS = [
     {"loader"},
     {"train", "eval"},
     {"export", "generate"},
-    {"recipes", "env"},
+    {"recipes", "env", "bench"},
     {"sweep", "cli"},
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
