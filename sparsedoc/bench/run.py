@@ -60,7 +60,7 @@ def measure_dispatch(d_in: int, d_out: int, tokens: int, E: int, k: int, r: int,
                 if part == "layer":
                     layers[d](x).sum().backward()
                 else:
-                    DISPATCH[d](x, ref.lora_A, ref.lora_B, routing).sum().backward()
+                    DISPATCH[d](x, ref.lora_A, ref.lora_B, routing, ref.scaling).sum().backward()
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 if i >= 2:

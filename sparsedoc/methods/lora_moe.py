@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -59,6 +60,21 @@ def queues_in_sync(model: nn.Module) -> bool:
         digest += r.shared_direction.double().cpu().sum() * (i + 3)  # calibration agrees too
     everyone = all_gather_cat(digest)
     return bool((everyone == everyone[0]).all())
+
+
+class StackedRouting(NamedTuple):
+    """Every router's decision on one micro-batch, stacked (L routers, T tokens): the losses and
+    the telemetry run once over the stack, not once per router."""
+
+    logits: torch.Tensor  # (L, T, E)
+    probs: torch.Tensor  # (L, T, E)
+    top_idx: torch.Tensor  # (L, T, k)
+
+
+def stacked_routing(record: RoutingRecorder, names: list[str]) -> StackedRouting:
+    routings = [record.routing[n] for n in names]
+    return StackedRouting(*(torch.stack([getattr(r, f) for r in routings])
+                            for f in StackedRouting._fields))
 
 
 def resolve_dispatch(name: str) -> str:
@@ -235,14 +251,11 @@ class LoraMoEMethod(Method):
             out = model(**model_inputs(batch))
         self.stats.mark()
         self.pending_before = len(self.pending)
+        routing = stacked_routing(record, self.router_names)
         # one flag per router, no host sync: read only when the loss is non-finite
-        self.router_finite = torch.stack([torch.isfinite(record.routing[n].logits).all()
-                                          for n in self.router_names])
-        aux = self.router_losses(record, batch)
-        real = real_tokens(batch)
-        for i, name in enumerate(self.router_names):
-            r = record.routing[name]
-            self.stats.add(i, r.top_idx, r.probs, real)
+        self.router_finite = torch.isfinite(routing.logits).flatten(1).all(1)
+        aux = self.router_losses(record, batch, routing)
+        self.stats.add(slice(None), routing.top_idx, routing.probs, real_tokens(batch))
         total = (out.loss + cfg.balance_weight * aux["balance"] + cfg.z_weight * aux["z"]
                  + cfg.contrastive_weight * aux["contrastive"])
         self.micro_in_step += 1
@@ -255,17 +268,18 @@ class LoraMoEMethod(Method):
             metrics["moe/expert_output_cosine"] = aux["expert_similarity"]
         return total, metrics
 
-    def router_losses(self, record: RoutingRecorder, batch: dict[str, torch.Tensor]) -> dict:
+    def router_losses(self, record: RoutingRecorder, batch: dict[str, torch.Tensor],
+                      routing: StackedRouting | None = None) -> dict:
         """Balance, z and contrastive losses of one recorded forward (means over layers)."""
         cfg = self.cfg
         real = real_tokens(batch)
+        routing = routing or stacked_routing(record, self.router_names)
         routings = [record.routing[n] for n in self.router_names]
-        balance = torch.stack([losses.load_balance_loss(r.probs, r.top_idx, real)
-                               for r in routings]).mean()
-        z = torch.stack([losses.router_z_loss(r.logits, real) for r in routings]).mean()
+        balance = losses.load_balance_loss(routing.probs, routing.top_idx, real).mean()
+        z = losses.router_z_loss(routing.logits, real).mean()
         out = {"balance": balance, "z": z, "contrastive": balance.new_zeros(()), "anchors": 0}
         if cfg.contrastive == "label":
-            tokens = losses.token_routing_repr([r.logits for r in routings])
+            tokens = losses.token_routing_repr(routing.logits)
             labels = batch["record_label_ids"].to(tokens.device)
             q_vecs, q_labels = self.label_queue.get(0)
             out["contrastive"], protos, out["anchors"] = losses.label_contrastive_loss(

@@ -29,28 +29,34 @@ from sparsedoc.moe.record import ExpertSample, active_recorder
 from sparsedoc.moe.router import RouterOutput, TopKRouter
 
 
-def dense_dispatch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: RouterOutput
-                   ) -> torch.Tensor:
-    """x: (T, in), A: (E, r, in), B: (E, out, r) -> (T, out). Two matmuls for all experts."""
+def dense_dispatch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: RouterOutput,
+                   scaling: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out + scaling * sum_e g_e B_e A_e x`` for x: (T, in), A: (E, r, in), B: (E, out, r):
+    two matmuls for all experts. The up-projection accumulates into ``out`` (the frozen layer's
+    output) in the same kernel (addmm), with the scaling as its alpha: no (T, out) pass is
+    spent on scaling or adding, forward or backward."""
     E, r, d_in = A.shape
     T = x.shape[0]
     xa = x @ A.reshape(E * r, d_in).t()  # (T, E*r): every expert's down-projection at once
     gates = routing.dense_gates().to(xa.dtype)  # (T, E), zeros off the top-k
     xa = (xa.view(T, E, r) * gates.unsqueeze(-1)).view(T, E * r)
     # (T, E*r) @ (E*r, out): the gated up-projections summed over experts in one matmul
-    return xa @ B.permute(0, 2, 1).reshape(E * r, B.shape[1])
+    b = B.permute(0, 2, 1).reshape(E * r, B.shape[1])
+    if out is None:
+        return scaling * (xa @ b)
+    return torch.addmm(out, xa, b, alpha=scaling)
 
 
-def grouped_dispatch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: RouterOutput
-                     ) -> torch.Tensor:
+def grouped_dispatch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: RouterOutput,
+                     scaling: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as ``dense_dispatch``; each expert only sees its own tokens."""
     T, k = routing.top_idx.shape
     flat_expert = routing.top_idx.reshape(-1)  # (T*k,)
     flat_token = torch.arange(T, device=x.device).repeat_interleave(k)
-    flat_gate = routing.top_gates.reshape(-1).to(x.dtype)
+    flat_gate = routing.top_gates.reshape(-1).to(x.dtype) * scaling
     order = flat_expert.argsort(stable=True)
     counts = torch.bincount(flat_expert, minlength=A.shape[0]).tolist()  # CPU sync, E ints
-    out = x.new_zeros(T, B.shape[1])  # accumulated in place: one (T, out) buffer, not E
+    acc = x.new_zeros(T, B.shape[1])  # accumulated in place: one (T, out) buffer, not E
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
@@ -59,8 +65,8 @@ def grouped_dispatch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing:
         start += n
         tok = flat_token[sel]
         h = (x[tok] @ A[e].t()) @ B[e].t()  # (n, out)
-        out.index_add_(0, tok, h * flat_gate[sel].unsqueeze(-1))
-    return out
+        acc.index_add_(0, tok, h * flat_gate[sel].unsqueeze(-1))
+    return acc if out is None else out + acc
 
 
 DISPATCH = {"dense": dense_dispatch, "grouped": grouped_dispatch}
@@ -149,9 +155,11 @@ class LoRAMoELinear(nn.Module):
         h = x.reshape(-1, self.in_features)  # (T, in)
         routing = self._route(h, batch_shape)
         hd = self.lora_dropout(h).to(self.lora_A.dtype)
-        delta = DISPATCH[self.dispatch](hd, self.lora_A, self.lora_B, routing)  # (T, out)
+        # the experts accumulate into the frozen output (no copy when the dtypes agree)
+        out = result.reshape(-1, self.out_features).to(self.lora_A.dtype)
         if self.shared_A is not None:
-            delta = delta + (hd @ self.shared_A.t()) @ self.shared_B.t()
+            out = torch.addmm(out, hd @ self.shared_A.t(), self.shared_B.t(), alpha=self.scaling)
+        out = DISPATCH[self.dispatch](hd, self.lora_A, self.lora_B, routing, self.scaling, out)
         recorder = active_recorder()
         if recorder is not None:
             if self.router_leader:
@@ -162,7 +170,7 @@ class LoRAMoELinear(nn.Module):
                 recorder.add_expert_outputs(self.record_name,
                                             self._sample_expert_outputs(hd, routing,
                                                                         recorder.sample_rows))
-        return result + (self.scaling * delta).view(*batch_shape, -1).to(result.dtype)
+        return out.view(*batch_shape, -1).to(result.dtype)
 
     def _sample_expert_outputs(self, hd: torch.Tensor, routing: RouterOutput,
                                rows: torch.Tensor) -> ExpertSample:

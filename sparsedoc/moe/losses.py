@@ -30,22 +30,29 @@ def load_balance_loss(probs: torch.Tensor, top_idx: torch.Tensor,
     grows to E when one expert takes everything.
 
     Args:
-        probs: (T, E) router softmax. top_idx: (T, k) chosen experts. mask: (T,) or (B, S).
+        probs: (T, E) router softmax, or (L, T, E): L routers stacked, one loss each (one set
+            of kernels for every router of the model instead of one per router).
+        top_idx: (T, k) or (L, T, k) chosen experts. mask: (T,) or (B, S).
     """
-    T, E = probs.shape
+    T, E = probs.shape[-2:]
+    k = top_idx.shape[-1]
+    lead = top_idx.shape[:-2]
     m = _flat_mask(mask, T, probs.device)
     denom = m.sum().clamp_min(1.0)
-    assign = F.one_hot(top_idx, E).float().sum(1)  # (T, E): 1 where chosen
-    f = (assign * m[:, None]).sum(0) / (denom * top_idx.shape[1])
-    P = (probs.float() * m[:, None]).sum(0) / denom
-    return E * (f * P).sum()
+    assign = torch.zeros(*lead, E, device=probs.device)  # assignments per expert, real tokens
+    assign.scatter_add_(-1, top_idx.reshape(*lead, T * k),
+                        m.repeat_interleave(k).expand(*lead, T * k).contiguous())
+    f = assign / (denom * k)
+    P = (m @ probs.float()) / denom  # (..., E)
+    return E * (f * P).sum(-1)
 
 
 def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ST-MoE z-loss: mean of logsumexp(logits)^2 over real tokens; keeps logits small."""
-    m = _flat_mask(mask, logits.shape[0], logits.device)
+    """ST-MoE z-loss: mean of logsumexp(logits)^2 over real tokens; keeps logits small.
+    ``logits`` (T, E), or (L, T, E) for one loss per stacked router."""
+    m = _flat_mask(mask, logits.shape[-2], logits.device)
     z = torch.logsumexp(logits.float(), dim=-1) ** 2
-    return (z * m).sum() / m.sum().clamp_min(1.0)
+    return (z @ m) / m.sum().clamp_min(1.0)
 
 
 def supcon_loss(anchors: torch.Tensor, anchor_labels: torch.Tensor, bank: torch.Tensor,
@@ -151,7 +158,7 @@ def expert_output_similarity(outputs: torch.Tensor) -> torch.Tensor:
     return gram[:, off].mean()
 
 
-def token_routing_repr(logits: list[torch.Tensor]) -> torch.Tensor:
+def token_routing_repr(logits: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     """(T, L*E) routing representation of each token: in each of the L routing layers the
     router's logits, centred and L2-normalised, concatenated and scaled by 1/sqrt(L), so the
     dot product of two tokens is their mean over layers of the cosine of their centred logits.
@@ -162,13 +169,12 @@ def token_routing_repr(logits: list[torch.Tensor]) -> torch.Tensor:
     do not.
 
     Args:
-        logits: L tensors (T, E), T flattened tokens.
+        logits: L tensors (T, E), T flattened tokens, or one (L, T, E) stack of them.
     """
-    out = []
-    for z in logits:
-        z = z.float()
-        out.append(F.normalize(z - z.mean(dim=-1, keepdim=True), dim=-1))
-    return torch.cat(out, dim=-1) / len(logits) ** 0.5
+    z = (torch.stack(list(logits)) if isinstance(logits, (list, tuple)) else logits).float()
+    L, T, E = z.shape
+    z = F.normalize(z - z.mean(dim=-1, keepdim=True), dim=-1)  # (L, T, E)
+    return z.transpose(0, 1).reshape(T, L * E) / L ** 0.5
 
 
 def record_means(token_repr: torch.Tensor, record_ids: torch.Tensor, num_records: int

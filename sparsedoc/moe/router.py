@@ -23,6 +23,25 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Fp32Logits(torch.autograd.Function):
+    """``x.float() @ w.t()`` for a low-precision ``x`` without keeping its fp32 copy for the
+    backward: ``x`` is saved as it is (the frozen layer beside the router keeps it anyway) and
+    cast again when the weight's gradient is computed. Autograd's own cast would hold an fp32
+    (T, in) copy per router until the backward, twice a bf16 activation."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return x.float() @ w.t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        gx = (grad @ w).to(x.dtype) if ctx.needs_input_grad[0] else None
+        gw = grad.t() @ x.float() if ctx.needs_input_grad[1] else None
+        return gx, gw
+
+
 @dataclass
 class RouterOutput:
     """One routing decision for T tokens (flattened batch x sequence)."""
@@ -79,10 +98,12 @@ class TopKRouter(nn.Module):
         """Plain tensors out (logits, probs, top_idx, gates): ZeRO-3 hooks the backward of a
         module through the tensors it returns, so a dataclass here would leave the router's
         weight un-gathered when its gradient is computed."""
-        h = x.reshape(-1, x.shape[-1]).float()  # (T, in)
+        h = x.reshape(-1, x.shape[-1])  # (T, in)
         if self.training and self.jitter > 0:
-            h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = F.linear(h, self.effective_weight())  # (T, E)
+            h = h.float() * torch.empty_like(h, dtype=torch.float32).uniform_(
+                1.0 - self.jitter, 1.0 + self.jitter)
+        w = self.effective_weight()
+        logits = F.linear(h, w) if h.dtype == torch.float32 else Fp32Logits.apply(h, w)  # (T, E)
         probs = logits.softmax(dim=-1)
         top_p, top_idx = probs.topk(self.top_k, dim=-1)  # (T, k)
         gates = top_p if self.top_k == 1 else top_p / top_p.sum(-1, keepdim=True)

@@ -43,6 +43,7 @@ class RoutingStats:
         """This rank's telemetry as JSON-able data: the window not yet logged (per rank) and
         how many logged steps the collapse has lasted (the same on every rank). The load since
         the last checkpoint is not kept: the checkpoint's heatmap has just consumed it."""
+        self._on_host()
         return {"layers": self.layer_names, "counts": self.counts.tolist(),
                 "entropy_sum": self.entropy_sum.tolist(), "tokens": self.tokens.tolist(),
                 "collapsed_for": self.collapsed_for}
@@ -59,17 +60,36 @@ class RoutingStats:
             self.entropy_sum = torch.tensor(state["entropy_sum"], dtype=torch.float64)
             self.tokens = torch.tensor(state["tokens"], dtype=torch.float64)
 
-    def add(self, i: int, top_idx: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor) -> None:
-        m = mask.reshape(-1).bool()
-        idx = top_idx[m]
-        self.counts[i] += torch.bincount(idx.reshape(-1), minlength=self.E).double().cpu()
-        p = probs.detach()[m].float()
-        ent = -(p * p.clamp_min(1e-12).log()).sum(-1)
-        self.entropy_sum[i] += float(ent.sum())
-        self.tokens[i] += float(m.sum())
+    def add(self, layers: int | slice, top_idx: torch.Tensor, probs: torch.Tensor,
+            mask: torch.Tensor) -> None:
+        """Count one micro-batch's routing: of one layer (``layers`` an index, ``top_idx``
+        (T, k), ``probs`` (T, E)) or of all layers at once (``slice(None)``, inputs stacked
+        (L, T, k) and (L, T, E)). The sums stay on the routing's device: no host sync per step;
+        they reach the host when logged or checkpointed."""
+        if isinstance(layers, int):
+            layers, top_idx, probs = slice(layers, layers + 1), top_idx[None], probs[None]
+        dev = probs.device
+        if self.counts.device != dev:
+            self.counts, self.entropy_sum, self.tokens = (
+                t.to(dev) for t in (self.counts, self.entropy_sum, self.tokens))
+        L, T, k = top_idx.shape
+        m = mask.reshape(-1).to(device=dev, dtype=torch.float64)
+        counts = torch.zeros(L, self.E, dtype=torch.float64, device=dev)
+        counts.scatter_add_(1, top_idx.reshape(L, T * k),
+                            m.repeat_interleave(k).expand(L, T * k).contiguous())
+        p = probs.detach().double()
+        ent = -(p * p.clamp_min(1e-12).log()).sum(-1)  # (L, T)
+        self.counts[layers] += counts
+        self.entropy_sum[layers] += ent @ m
+        self.tokens[layers] += m.sum()
+
+    def _on_host(self) -> None:
+        self.counts, self.entropy_sum, self.tokens = (
+            t.cpu() for t in (self.counts, self.entropy_sum, self.tokens))
 
     def flush(self, reduce) -> dict[str, float]:
         """Metrics for the window since the last flush; ``reduce`` sums lists across ranks."""
+        self._on_host()
         flat = self.counts.flatten().tolist() + self.entropy_sum.tolist() + self.tokens.tolist()
         flat = reduce(flat)
         L, E = self.counts.shape
