@@ -207,3 +207,53 @@ def test_sampled_expert_outputs_are_every_experts_delta_on_those_tokens():
     with record_routing() as record:
         layer(x)
     assert record.expert_outputs == {}  # a forward that does not ask never pays for them
+
+
+def test_fp32_router_logits_of_bf16_input_keep_no_fp32_copy_and_match_autograd():
+    from sparsedoc.moe.router import Fp32Logits
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 24, generator=g).bfloat16().requires_grad_(True)
+    w = torch.randn(4, 24, generator=g).requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        logits = Fp32Logits.apply(x, w)
+    assert logits.dtype == torch.float32
+    assert sorted((str(t.dtype), tuple(t.shape)) for t in saved) == [
+        ("torch.bfloat16", (16, 24)), ("torch.float32", (4, 24))]  # x as it is, no fp32 copy
+    gx, gw = torch.autograd.grad(logits.square().sum(), (x, w))
+    ref_logits = x.float() @ w.t()  # autograd's own cast: the reference
+    rx, rw = torch.autograd.grad(ref_logits.square().sum(), (x, w))
+    torch.testing.assert_close(logits, ref_logits)
+    assert gx.dtype == torch.bfloat16
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "grouped"])
+def test_bf16_layer_matches_the_fp32_per_token_reference(dispatch):
+    layer = make_layer(4, 2, 4, dispatch=dispatch)
+    x = torch.randn(2, 5, 12)
+    ref = reference_forward(layer, x)
+    out = layer.to(torch.bfloat16)(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "grouped"])
+def test_empty_experts_match_the_reference_and_get_zero_gradients(dispatch):
+    """Every token routed to experts 0 and 1: the other experts see no token, stay exact and
+    get exactly zero gradient."""
+    layer = make_layer(6, 2, 4, dispatch=dispatch)
+    with torch.no_grad():
+        layer.router.weight.zero_()  # logits x0, x0 / 2, then -10 x0 for experts 2-5
+        layer.router.weight[:, 0] = torch.tensor([1.0, 0.5, -10, -10, -10, -10])
+    x = torch.randn(3, 4, 12)
+    x[..., 0] = x[..., 0].abs() + 1.0
+    out = layer(x)
+    ref = reference_forward(layer, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    got = grads(layer, out)
+    assert got[0][2:].abs().sum() == 0 and got[1][2:].abs().sum() == 0
+    for g, g_ref in zip(got, grads(layer, reference_forward(layer, x))):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)

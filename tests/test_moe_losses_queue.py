@@ -308,3 +308,30 @@ def test_label_mi_gradient_is_the_exact_information_gradient_scaled_to_the_batch
     theirs = torch.autograd.grad(ref_loss, logits)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b * (N / n), rtol=1e-4, atol=1e-7)
+
+
+def test_stacked_routers_give_each_router_its_own_hand_computed_losses():
+    """L routers stacked (L, T, E): one balance and one z loss per router, each equal to what
+    the router's own numbers give by hand."""
+    probs = torch.tensor([[[0.7, 0.3], [0.4, 0.6], [0.9, 0.1]],
+                          [[0.5, 0.5], [0.2, 0.8], [0.6, 0.4]]])
+    top_idx = torch.tensor([[[0], [0], [1]], [[1], [1], [0]]])
+    mask = torch.tensor([1, 1, 0])
+    # router 0 as in the unstacked test; router 1: f = [0, 1], P = [0.35, 0.65]
+    balance = losses.load_balance_loss(probs, top_idx, mask)
+    assert balance.tolist() == pytest.approx([2 * 0.55, 2 * 0.65])
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [50.0, 0.0]],
+                           [[math.log(3.0), 0.0], [0.0, 0.0], [0.0, 50.0]]])
+    z = losses.router_z_loss(logits, mask)
+    both = (math.log(2) ** 2 + math.log(4) ** 2) / 2
+    assert z.tolist() == pytest.approx([both, both], rel=1e-6)
+
+
+def test_token_routing_repr_of_a_stack_equals_that_of_the_list():
+    l1 = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.5, -1.0]])
+    l2 = torch.tensor([[0.0, 3.0, 0.5], [5.0, 1.0, 2.0]])
+    r = 1 / math.sqrt(2)
+    got = losses.token_routing_repr(torch.stack([l1, l2]))
+    # token 0, layer 0: centred [1, -1, 0] -> [r, -r, 0]
+    torch.testing.assert_close(got[0, :3], torch.tensor([r, -r, 0.0]) * r, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, losses.token_routing_repr([l1, l2]))

@@ -14,7 +14,8 @@ def _identity_reduce(values):
     return values
 
 
-def test_busiest_share_layers_over_threshold_and_collapse_warning(caplog):
+@pytest.mark.parametrize("stacked", [False, True], ids=["per-layer", "stacked"])
+def test_busiest_share_layers_over_threshold_and_collapse_warning(caplog, stacked):
     stats = RoutingStats(["model.layers.0.mlp", "model.layers.1.mlp"], 4, [0, 1],
                          collapse_threshold=0.9, collapse_patience=2)
     mask = torch.tensor([[1, 1, 1, 1, 1, 0]])  # 5 real tokens, one padding
@@ -22,8 +23,12 @@ def test_busiest_share_layers_over_threshold_and_collapse_warning(caplog):
     balanced = torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3], [0, 2], [3, 3]])
     collapsed = torch.tensor([[0, 1], [0, 2], [0, 3], [0, 1], [0, 2], [1, 1]])
     for step in range(2):
-        stats.add(0, balanced, probs, mask)
-        stats.add(1, collapsed, probs, mask)
+        if stacked:  # both layers in one call, as training adds them
+            stats.add(slice(None), torch.stack([balanced, collapsed]),
+                      torch.stack([probs, probs]), mask)
+        else:
+            stats.add(0, balanced, probs, mask)
+            stats.add(1, collapsed, probs, mask)
         with caplog.at_level(logging.WARNING, logger="sparsedoc"):
             m = stats.flush(_identity_reduce)
     # layer 0: expert 0 and 2 are in 3 of 5 tokens' top-2; layer 1: expert 0 in all 5
