@@ -12,8 +12,8 @@ top-k >= 2 with renormalisation (top-1 would make every gate 1 and leave the rou
 gradient). The attention projections get a plain LoRA (``LoRALinear``), which merges exactly.
 
 Dispatch is grouped: the frozen gate/up projections run once over all tokens, then each expert
-adds its low-rank terms on its own tokens; the frozen down projection runs once over all
-(token, expert) rows. Dense dispatch would run all E FFNs for every token, E/k times the work.
+adds its low-rank terms on its own tokens; the frozen down projection, being linear, runs once
+per token on the gate-weighted sum of the experts' activations. Dense dispatch would run all E FFNs for every token, E/k times the work.
 """
 
 from __future__ import annotations
@@ -25,6 +25,28 @@ from torch import nn
 
 from sparsedoc.moe.record import ExpertSample, active_recorder
 from sparsedoc.moe.router import TopKRouter
+
+
+def is_silu(act: nn.Module) -> bool:
+    """Llama's MLP activation, as torch or transformers spell it."""
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+class SiluMul(torch.autograd.Function):
+    """``silu(g) * u`` keeping only ``g`` and ``u`` for the backward (silu(g) is recomputed
+    there): one (rows, intermediate) tensor per FFN fewer than autograd's two ops would keep."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g, u)
+        return torch.nn.functional.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        g, u = ctx.saved_tensors
+        sig = torch.sigmoid(g)
+        d_g = grad * u * (sig * (1 + g * (1 - sig)))  # d silu / dg = sig (1 + g (1 - sig))
+        return d_g, grad * (g * sig)
 
 
 class LoRALinear(nn.Module):
@@ -105,6 +127,12 @@ class LoRAMoEFFN(nn.Module):
         A, B = getattr(self, f"lora_A_{p}")[e], getattr(self, f"lora_B_{p}")[e]
         return self.scaling * ((h @ A.t()) @ B.t())
 
+    def _lora_onto(self, base: torch.Tensor, p: str, e: int, h: torch.Tensor) -> torch.Tensor:
+        """``base + s B_e A_e h``, the up-projection accumulating into ``base`` (addmm)."""
+        A, B = getattr(self, f"lora_A_{p}")[e], getattr(self, f"lora_B_{p}")[e]
+        return torch.addmm(base, (h @ A.t()).to(base.dtype), B.t().to(base.dtype),
+                           alpha=self.scaling)
+
     def _all_experts_lora(self, p: str, h: torch.Tensor) -> torch.Tensor:
         """(n, in) -> (n, E, out): every expert's LoRA term of projection ``p`` on ``h``."""
         A, B = getattr(self, f"lora_A_{p}"), getattr(self, f"lora_B_{p}")
@@ -140,12 +168,22 @@ class LoRAMoEFFN(nn.Module):
             if n == 0:
                 continue
             t = tok[start:start + n]
-            g_rows.append(base_g[t] + self._lora("gate", e, hd[t]).to(base_g.dtype))
-            u_rows.append(base_u[t] + self._lora("up", e, hd[t]).to(base_u.dtype))
+            g_rows.append(self._lora_onto(base_g[t], "gate", e, hd[t]))
+            u_rows.append(self._lora_onto(base_u[t], "up", e, hd[t]))
             spans.append((e, start, n))
             start += n
-        act = mlp.act_fn(torch.cat(g_rows)) * torch.cat(u_rows)  # (T*k, inter)
+        g, u = torch.cat(g_rows), torch.cat(u_rows)  # (T*k, inter)
+        del g_rows, u_rows
+        act = SiluMul.apply(g, u) if is_silu(mlp.act_fn) else mlp.act_fn(g) * u
         act_d = self.lora_dropout(act).to(self.lora_A_down.dtype)
+        gate_col = gates.unsqueeze(-1).to(act.dtype)
+        # The frozen down projection is linear: sum_e g_e W_d a_e = W_d (sum_e g_e a_e), so it
+        # runs once per token on the gate-mixed activation, not once per (token, expert) row.
+        # A bias (none in a Llama MLP) is added once, as the gates sum to one.
+        # rows back in (token, slot) order and summed over the k slots: a gather and a sum keep
+        # only the index for the backward, where index_add would keep its (T*k, .) source
+        unsort = order.argsort()
+        mixed = (act * gate_col)[unsort].view(T, k, -1).sum(1)
         n_sample = 0
         if sample is not None:
             # FFN_e(x) - FFN(x) = W_d (a_e - a) + s B^d_e A^d_e a_e, with a_e the expert's and a
@@ -160,21 +198,21 @@ class LoRAMoEFFN(nn.Module):
             act_base = mlp.act_fn(base_g[sample]) * base_u[sample]  # (n, inter)
             lora_s = self._all_experts_lora(
                 "down", self.lora_dropout(act_s).to(self.lora_A_down.dtype))  # (n, E, hidden)
-            act = torch.cat([act, (act_s - act_base.unsqueeze(1)).reshape(n_sample * E, inter)])
-        down = mlp.down_proj(act)  # one call over all rows (ZeRO-3 gathers W_d once)
+            mixed = torch.cat([mixed, (act_s - act_base.unsqueeze(1)).reshape(n_sample * E,
+                                                                                inter)])
+        down = mlp.down_proj(mixed)  # one call over all rows (ZeRO-3 gathers W_d once)
         if sample is not None:
-            routed = T * k
-            outputs = down[routed:].view(n_sample, self.num_experts, self.hidden_size)
+            outputs = down[T:].view(n_sample, self.num_experts, self.hidden_size)
             if mlp.down_proj.bias is not None:  # W_d (a_e - a) carries no bias
                 outputs = outputs - mlp.down_proj.bias
             outputs = outputs + lora_s.to(down.dtype)
             recorder.add_expert_outputs(self.record_name, ExpertSample(
                 sample, outputs, routing.top_idx[sample], routing.top_gates[sample]))
-            down = down[:routed]
-        down = down + torch.cat([self._lora("down", e, act_d[s:s + n]) for e, s, n in spans]
-                                ).to(down.dtype)
-        out = h.new_zeros(T, self.hidden_size)
-        out = out.index_add(0, tok, down * gates.unsqueeze(-1).to(down.dtype))
+            down = down[:T]
+        # each expert's own down LoRA on its rows, gated, summed into its tokens
+        lora_down = torch.cat([self._lora("down", e, act_d[s:s + n]) for e, s, n in spans])
+        lora_down = (lora_down * gate_col.to(lora_down.dtype))[unsort].view(T, k, -1).sum(1)
+        out = down + lora_down.to(down.dtype)
         return out.view(*batch_shape, self.hidden_size)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
