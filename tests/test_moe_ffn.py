@@ -157,3 +157,31 @@ def test_ffn_injection_on_tiny_llama(tiny_model_dir):
     assert "model.layers.1.mlp.lora_B_down" in keys and "model.layers.0.self_attn.q_proj.lora_A" in keys
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(("lora_" in n) or ("router" in n) for n in trainable)
+
+
+def test_silu_mul_gradients_match_autograd_of_silu_times_u():
+    from sparsedoc.moe.ffn import SiluMul
+
+    g = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SiluMul.apply, (g, u))
+    torch.testing.assert_close(SiluMul.apply(g, u), torch.nn.functional.silu(g) * u)
+
+
+def test_ffn_keeps_three_row_by_intermediate_tensors_for_the_backward():
+    """Memory: of the (T*k, intermediate) activations only the gate and up pre-activations and
+    the product are kept for the backward (the silu output is recomputed; the rows' return to
+    their tokens keeps an index, not a copy). MixLoRA 0.2.3 keeps four per expert row."""
+    layer = LoRAMoEFFN(make_mlp(hidden=16, inter=24), num_experts=4, top_k=2, r=2, alpha=4.0)
+    randomise(layer)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    row_bytes = 2 * 7 * 2 * 24 * 4  # T*k rows x intermediate, fp32
+    assert sorted(kept.values()).count(row_bytes) == 3
