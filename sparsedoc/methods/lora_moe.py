@@ -259,10 +259,11 @@ class LoraMoEMethod(Method):
         total = (out.loss + cfg.balance_weight * aux["balance"] + cfg.z_weight * aux["z"]
                  + cfg.contrastive_weight * aux["contrastive"])
         self.micro_in_step += 1
-        metrics = {"train/lm_loss": float(out.loss.detach()),
-                   "moe/balance_loss": float(aux["balance"].detach()),
-                   "moe/z_loss": float(aux["z"].detach()),
-                   "moe/contrastive_loss": float(aux["contrastive"].detach()),
+        # detached tensors: the loop sums them on the device and reads them when it logs
+        metrics = {"train/lm_loss": out.loss.detach(),
+                   "moe/balance_loss": aux["balance"].detach(),
+                   "moe/z_loss": aux["z"].detach(),
+                   "moe/contrastive_loss": aux["contrastive"].detach(),
                    "moe/contrastive_anchors": aux["anchors"]}
         if "expert_similarity" in aux:
             metrics["moe/expert_output_cosine"] = aux["expert_similarity"]

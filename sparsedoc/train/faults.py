@@ -17,7 +17,6 @@ Exit codes (docs/robustness.md): ``PREEMPTED_EXIT`` after a preemption checkpoin
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import threading
@@ -96,9 +95,11 @@ class StopSignals:
 def nonfinite_terms(loss: torch.Tensor, extras: dict, terms: dict[str, str]) -> list[str]:
     """Names of the loss components (``terms``: name -> metrics key of ``compute_loss``'s
     extras) that are not finite; ``total`` when only the summed loss is."""
-    bad = [name for name, key in terms.items() if key in extras
-           and not math.isfinite(float(extras[key]))]
-    if not bad and not bool(torch.isfinite(loss.detach()).all()):
+    named = [(name, extras[key]) for name, key in terms.items() if key in extras]
+    flags = [torch.isfinite(torch.as_tensor(v, device=loss.device)).all() for _, v in named]
+    finite = torch.stack(flags + [torch.isfinite(loss.detach()).all()]).tolist()  # one sync
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
+    if not bad and not finite[-1]:
         bad = ["total"]
     return bad
 

@@ -88,24 +88,29 @@ class Position:
 
 
 class Window:
-    """Sums over the micro-batches since the last log line, reduced over ranks when logged."""
+    """Sums over the micro-batches since the last log line, reduced over ranks when logged.
+    The sums stay tensors on the device until then: no host sync per micro-batch."""
 
     def __init__(self) -> None:
         self.loss = self.tokens = self.seconds = 0.0
         self.micro_batches = self.steps = 0
-        self.extras: dict[str, float] = {}
+        self.extras: dict[str, float | torch.Tensor] = {}
 
     def add(self, loss: torch.Tensor, batch: dict, extras: dict) -> None:
-        self.loss += float(loss.detach())
+        self.loss = self.loss + loss.detach().float()
         self.micro_batches += 1
-        self.tokens += float(batch["attention_mask"].sum())
+        self.tokens = self.tokens + batch["attention_mask"].sum()
         for k, v in extras.items():
-            self.extras[k] = self.extras.get(k, 0.0) + float(v)
+            v = v.detach().float() if isinstance(v, torch.Tensor) else v
+            self.extras[k] = self.extras.get(k, 0.0) + v
+
+    def mean_extras(self) -> dict[str, float]:
+        return {k: float(v) / self.micro_batches for k, v in self.extras.items()}
 
     def reduce(self, world: int) -> tuple[float, float, float]:
         """Mean loss, tokens per second and seconds per step, over all ranks."""
-        loss, n, tokens, secs = all_reduce_sum([self.loss, self.micro_batches, self.tokens,
-                                                self.seconds])
+        loss, n, tokens, secs = all_reduce_sum([float(self.loss), self.micro_batches,
+                                                float(self.tokens), self.seconds])
         return loss / n, tokens / (secs / world), secs / world / self.steps
 
 
@@ -352,7 +357,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
-        metrics.update({k: v / window.micro_batches for k, v in window.extras.items()})
+        metrics.update(window.mean_extras())
         metrics.update(self.method.step_metrics(self.engine.module, self.pos.step))
         self.logger.log(metrics, self.pos.step)
         self.token_rates.append(metrics["train/tokens_per_s"])
