@@ -42,8 +42,9 @@ def test_meta_counts_equal_a_real_cpu_build(tiny_result, variant):
     assert (row["trainable"], row["total"]) == (trainable, total)
 
 
-def test_meta_build_allocates_nothing():
-    overrides = dryrun.variant_overrides()["lora_moe"]
+@pytest.mark.parametrize("variant", list(dryrun.variant_overrides()))
+def test_meta_build_allocates_nothing(variant):
+    overrides = dryrun.variant_overrides()[variant]
     model = dryrun.build_variant(dryrun.llama_config("tiny"), overrides)
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert {b.device.type for b in model.buffers()} == {"meta"}
@@ -68,6 +69,16 @@ def test_moe_expert_flops_route_k_of_e_and_dense_computes_all(tiny_result):
     assert row["expert_flops_dense"] == config.num_hidden_layers * (E * lora + router)
 
 
+def test_ffn_mode_runs_the_frozen_down_projection_on_k_rows(tiny_result):
+    config, E, k, r = dryrun.llama_config("tiny"), 8, 2, 8
+    h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    attention_lora = sum(2 * r * (a + b) for a, b in _projection_shapes(config)[:4])
+    ffn = k * 3 * 2 * r * (h + i) + 2 * h * E
+    row = next(v for v in tiny_result["variants"] if v["name"] == "lora_moe_ffn")
+    assert row["expert_flops"] == L * (attention_lora + ffn)
+    assert row["base_extra_flops"] == L * (k - 1) * 2 * i * h
+
+
 def test_base_flops_are_linears_plus_attention(tiny_result):
     config, seq = dryrun.llama_config("tiny"), 128
     h, L = config.hidden_size, config.num_hidden_layers
@@ -82,6 +93,12 @@ def test_llama3_8b_total_on_meta():
                                  dryrun.variant_overrides()["full"])
     assert count_parameters(model) == (LLAMA3_8B_PARAMS, LLAMA3_8B_PARAMS)
     assert dryrun.largest_layer_params(model) == 128256 * 4096  # embeddings / lm_head
+
+
+def test_smollm2_total_on_meta():
+    model = dryrun.build_variant(dryrun.llama_config("smollm2"),
+                                 dryrun.variant_overrides()["full"])
+    assert count_parameters(model)[1] == 134_515_008  # SmolLM2-135M, tied embeddings
 
 
 @pytest.mark.parametrize("nodes,per_node", dryrun.CLUSTERS)
