@@ -126,16 +126,17 @@ def expert_flops(model: nn.Module) -> dict[str, int]:
     * LoRA-MoE per linear: routed k experts, 2 k r (in + out), plus the router 2 in E (and a
       shared expert's 2 r (in + out)); ``dense`` is what the dense dispatch actually computes,
       all E experts, 2 E r (in + out) + router;
-    * FFN mode: per MLP the router plus k experts' LoRA on gate, up and down; its grouped
-      dispatch also runs the frozen down projection on k rows per token, not one
-      (``base_extra``: (k - 1) x 2 in out).
+    * FFN mode: per MLP the router plus k experts' LoRA on gate, up and down. The frozen down
+      projection runs once per token on the gate-mixed activation (``moe/ffn.py``), so the
+      mode adds nothing to the base FLOPs (MixLoRA runs it on k rows per token: (k - 1) x
+      2 in out more).
     """
     from peft.tuners.lora import LoraLayer
 
     from sparsedoc.moe.ffn import LoRALinear, LoRAMoEFFN
     from sparsedoc.moe.layer import LoRAMoELinear
 
-    routed = dense = base_extra = 0
+    routed = dense = 0
     for m in model.modules():
         if isinstance(m, LoraLayer) and hasattr(m, "in_features"):
             f = sum(2 * r * (m.in_features + m.out_features) for r in m.r.values())
@@ -155,8 +156,7 @@ def expert_flops(model: nn.Module) -> dict[str, int]:
             router = 2 * h * m.num_experts
             routed += m.top_k * per_expert + router
             dense += m.num_experts * per_expert + router  # what a dense dispatch would cost
-            base_extra += (m.top_k - 1) * 2 * i * h
-    return {"routed": routed, "dense": dense, "base_extra": base_extra}
+    return {"routed": routed, "dense": dense}
 
 
 # ---- memory --------------------------------------------------------------------------------------
@@ -267,7 +267,6 @@ def dry_run(preset: str | dict = "llama3-8b", *, lora_r: int = 16, num_experts: 
             "name": name, "overrides": overrides, "trainable": trainable, "total": total,
             "trainable_pct": 100 * trainable / total,
             "expert_flops": flops["routed"], "expert_flops_dense": flops["dense"],
-            "base_extra_flops": flops["base_extra"],
             "ratio": flops["routed"] / base["total"],
             "ratio_dense": flops["dense"] / base["total"],
             "memory": memory(total, trainable, largest, clusters, gpu_gb),
@@ -292,7 +291,7 @@ def format_dry_run(result: dict) -> str:
     base = result["base"]
     shapes = list(result["variants"][0]["memory"]) if result["variants"] else []
     head = ["variant", "trainable", "total", "trainable %", "expert FLOPs/tok",
-            "(dense)", "expert/base", "(dense)", "extra base FLOPs/tok"]
+            "(dense)", "expert/base", "(dense)"]
     head += [f"ZeRO-{s} GB {c}" for c in shapes for s in (2, 3)]
     lines = [f"**{result['model']['preset']}**: base forward {_si(base['total'])}FLOPs/token "
              f"(linears {_si(base['linear'])}, attention {_si(base['attention'])} at seq "
@@ -302,8 +301,7 @@ def format_dry_run(result: dict) -> str:
     for v in result["variants"]:
         cells = [v["name"], f"{v['trainable']:,}", f"{v['total']:,}",
                  f"{v['trainable_pct']:.3f}", _si(v["expert_flops"]),
-                 _si(v["expert_flops_dense"]), f"{v['ratio']:.2%}", f"{v['ratio_dense']:.2%}",
-                 _si(v["base_extra_flops"])]
+                 _si(v["expert_flops_dense"]), f"{v['ratio']:.2%}", f"{v['ratio_dense']:.2%}"]
         for c in shapes:
             for s in (2, 3):
                 m = v["memory"][c][f"zero{s}"]
