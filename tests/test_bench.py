@@ -101,7 +101,8 @@ def _result(step: dict[str, float], mem: dict[str, float]) -> dict:
                 "tokens_per_s": 1 / s, "trainable": 1, "total": 2, "trainable_pct": 50.0}
             for n, s in step.items()}
     return {"spec": {"model": "m", "batch": 1, "seq": 1, "experts": 8, "top_k": 2, "r": 8,
-                     "steps": 1}, "rounds": 1, "device": "cpu", "dtype": "fp32", "rows": rows}
+                     "steps": 1}, "rounds": 1, "device": "cpu", "dtype": "fp32",
+            "memory": "peak RSS", "rows": rows}
 
 
 def test_targets_read_the_right_ratios_and_name_a_missing_row():

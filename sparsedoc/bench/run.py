@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         rounds = args.rounds or rounds
         from tqdm import tqdm
 
-        with tqdm(total=rounds * len(names), desc="bench", unit="run") as bar:
+        runs = (rounds + (0 if torch.cuda.is_available() else 1)) * len(names)
+        with tqdm(total=runs, desc="bench", unit="run") as bar:
             results["steps"] = run_steps(spec, names, rounds,
                                          progress=lambda n: (bar.set_postfix_str(n),
                                                              bar.update()))

@@ -11,12 +11,17 @@ machine hits all of them alike), and warm-up steps are excluded. What to read ar
 
 Peak memory is CUDA's max allocated on a GPU and the process's peak RSS on CPU, both reset after
 the model is built, so they cover the steps (weights, activations, gradients, optimizer states).
+On CPU it comes from a run of its own with glibc's mmap threshold at 1 MiB: by default freed
+heap blocks stay mapped, and the RSS then measures how the allocator happened to reuse them
+(it put LoRA-MoE's FFN mode 1.3 GB above its live tensors) rather than what was alive. The
+timed runs keep the default allocator.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -315,14 +320,19 @@ def measure(spec: StepSpec) -> dict:
 
 
 # ---- the parent: rounds of child processes ------------------------------------------------------
-def run_child(spec: StepSpec) -> dict:
+def run_child(spec: StepSpec, env: dict[str, str] | None = None) -> dict:
     proc = subprocess.run([sys.executable, "-m", "sparsedoc.bench.step", json.dumps(asdict(spec))],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True,
+                          env={**os.environ, **env} if env else None)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"bench variant {spec.variant!r} failed (exit {proc.returncode}):\n"
                            f"{proc.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+# glibc: allocations above 1 MiB are mmap'd and unmapped when freed, so RSS follows live memory
+LIVE_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -338,13 +348,21 @@ def run_steps(spec: StepSpec, names: list[str], rounds: int, progress=None) -> d
             samples[name].append(run_child(StepSpec(**{**asdict(spec), "variant": name})))
             if progress:
                 progress(name)
+    peaks = {n: [r["peak_bytes"] for r in runs] for n, runs in samples.items()}
+    if not torch.cuda.is_available():  # live memory, one run each (see the module docstring)
+        for name in names:
+            mem = run_child(StepSpec(**{**asdict(spec), "variant": name, "steps": 1,
+                                        "warmup": 1}), env=LIVE_RSS_ENV)
+            peaks[name] = [mem["peak_bytes"]]
+            if progress:
+                progress(name + " (memory)")
     table = variants(spec.experts, spec.top_k, spec.r, spec.lora_r)
     rows = {}
     for name, runs in samples.items():
         times = [t for r in runs for t in r["times_s"]]
-        peaks = [r["peak_bytes"] / 2**20 for r in runs]
         step = _summary(times)
-        rows[name] = {"label": table[name].label, "step_s": step, "peak_mib": _summary(peaks),
+        rows[name] = {"label": table[name].label, "step_s": step,
+                      "peak_mib": _summary([b / 2**20 for b in peaks[name]]),
                       "tokens_per_s": spec.batch * spec.seq / step["median"],
                       "trainable": runs[0]["trainable"], "total": runs[0]["total"],
                       "trainable_pct": 100 * runs[0]["trainable"] / runs[0]["total"]}
@@ -355,7 +373,10 @@ def run_steps(spec: StepSpec, names: list[str], rounds: int, progress=None) -> d
                 row[f"mem_x_{ref}"] = row["peak_mib"]["median"] / rows[ref]["peak_mib"]["median"]
     first = next(iter(samples.values()))[0]
     return {"spec": {k: v for k, v in asdict(spec).items() if k != "variant"},
-            "rounds": rounds, "device": first["device"], "dtype": first["dtype"], "rows": rows}
+            "rounds": rounds, "device": first["device"], "dtype": first["dtype"],
+            "memory": ("CUDA max allocated" if torch.cuda.is_available() else
+                       "peak RSS of a run of its own, glibc mmap threshold 1 MiB"),
+            "rows": rows}
 
 
 # Ratios the issue set (per-linear MoE vs LoRA, FFN mode vs MixLoRA, dense vs sparse).
@@ -389,7 +410,8 @@ def format_steps(result: dict) -> str:
     s = result["spec"]
     lines = [f"Training step, {s['model']}, batch {s['batch']} x {s['seq']}, {result['dtype']} on "
              f"{result['device']}, E={s['experts']} top-{s['top_k']} r={s['r']}; median "
-             f"[min-max] over {result['rounds']} rounds x {s['steps']} steps, warm-up excluded.",
+             f"[min-max] over {result['rounds']} rounds x {s['steps']} steps, warm-up excluded; "
+             f"peak memory: {result['memory']}.",
              "",
              "| variant | trainable | % | s/step | tokens/s | x LoRA | x floor | peak MiB "
              "| mem x LoRA |",
