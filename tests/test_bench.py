@@ -116,3 +116,16 @@ def test_targets_read_the_right_ratios_and_name_a_missing_row():
         pytest.approx(1.2 / 1.05), False)
     assert got["FFN mode step <= 0.70 x MixLoRA"] == (None, None)  # no MixLoRA row
     assert "| FFN mode step <= 0.70 x MixLoRA | - | - |" in format_steps(result)
+
+
+def test_queue_memory_run_fills_the_ring_once_and_then_holds_its_size():
+    from sparsedoc.bench.queue import format_queue_memory, measure_queue_memory
+
+    result = measure_queue_memory(steps=40, queue_size=16, batch=2, seq=16,
+                                  checkpoints=(4, 20, 40))
+    rows = result["rows"]
+    assert [r["step"] for r in rows] == [4, 20, 40]
+    assert [r["queue_entries"] for r in rows] == [8, 16, 16]  # 2 records a step, ring of 16
+    assert len({r["queue_bytes"] for r in rows}) == 1  # allocated once, never grows
+    assert result["rss_growth_mib"] < 64  # a leak of the routing state would show here
+    assert "| 40 |" in format_queue_memory(result)

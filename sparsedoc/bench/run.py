@@ -5,6 +5,7 @@
     sparsedoc bench --dry-run llama3-8b              # meta device: params, FLOPs, ZeRO memory
     sparsedoc bench --preset smollm2 --generation    # KV-cache decoding tokens/s as well
     sparsedoc bench --layers                         # the two dispatches on Llama-3-8B shapes
+    sparsedoc bench --no-steps --queue               # memory queue: RSS flat over 1000 steps
 
 Ratios are what to read: the machine is shared, so variants run in their own processes,
 interleaved over rounds, and every figure is a median with its min and max.
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                    "device: parameters, FLOPs, ZeRO-2/3 memory per GPU (nothing is measured)")
     p.add_argument("--generation", action="store_true", help="also time KV-cache decoding")
     p.add_argument("--layers", action="store_true", help="also the dispatches on 8B shapes")
+    p.add_argument("--queue", action="store_true", help="also the memory queue's RSS over a "
+                   "1000-step tiny run (flat once the queue is full)")
     p.add_argument("--layer-iters", type=int, default=7)
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--markdown", help="write the tables here")
@@ -147,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or PRESETS[args.preset][0]
         results["generation"] = measure_generation(model)
         sections.append(format_generation(results["generation"]))
+        print("\n" + sections[-1], flush=True)
+    if args.queue:
+        from sparsedoc.bench.queue import format_queue_memory, measure_queue_memory
+
+        results["queue"] = measure_queue_memory()
+        sections.append(format_queue_memory(results["queue"]))
         print("\n" + sections[-1], flush=True)
     if args.layers:
         results["layers"], text = _layers(args.layer_iters)
