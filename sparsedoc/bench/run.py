@@ -147,8 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.generation:
         from sparsedoc.bench.generation import format_generation, measure_generation
 
+        from sparsedoc.config import ModelCfg
+        from sparsedoc.models.load import resolve_model_path
+
         model = args.model or PRESETS[args.preset][0]
-        results["generation"] = measure_generation(model)
+        if model == "tiny":
+            p.error("--generation times a saved model: use --preset smollm2 or --model DIR")
+        results["generation"] = measure_generation(str(resolve_model_path(
+            ModelCfg(name_or_path=model))))
         sections.append(format_generation(results["generation"]))
         print("\n" + sections[-1], flush=True)
     if args.queue:
